@@ -1,0 +1,1 @@
+"""Flax (Linen) transformer models configured by frozen dataclasses."""

@@ -1,0 +1,111 @@
+"""Multi-head (MHA/MQA/GQA) attention and the one attention-kernel dispatch."""
+
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from models import config as cfg
+from models import layers
+from pallas_kernels.flash_attention import reference
+from partitioning import axes as ax
+
+Array = jax.Array
+
+
+@struct.dataclass
+class Context:
+  """Per-token facts attention needs about one sequence axis.
+
+  positions: [batch, length] int positions (reset per packed segment).
+  segment_ids: [batch, length] packed-sequence ids (0 = padding), or None.
+  prefix: [batch, length] prefix-LM flags (True: bidirectional input token), or None.
+  """
+  positions: Array
+  segment_ids: Optional[Array] = None
+  prefix: Optional[Array] = None
+
+
+def dot_product_attention(kernel: cfg.AttentionKernel, q: Array, k: Array, v: Array, *,
+                          q_ctx: Context, kv_ctx: Context, causal: bool,
+                          alibi_slopes: Optional[Array] = None,
+                          rel_bias: Optional[reference.RelativeBias] = None,
+                          dropout_rate: float = 0.0,
+                          dropout_rng: Optional[Array] = None) -> Array:
+  """The single place an attention implementation is chosen.
+
+  q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim].
+  """
+  match kernel:
+    case cfg.AttentionKernel.XLA:
+      return reference.attention(
+          q, k, v, q_segment_ids=q_ctx.segment_ids, kv_segment_ids=kv_ctx.segment_ids,
+          q_positions=q_ctx.positions, kv_positions=kv_ctx.positions, causal=causal,
+          q_prefix=q_ctx.prefix if causal else None,
+          kv_prefix=kv_ctx.prefix if causal else None,
+          alibi_slopes=alibi_slopes, rel_bias=rel_bias,
+          dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+  raise NotImplementedError(kernel)
+
+
+class MultiHeadAttention(nn.Module):
+  """Attention with `num_kv_heads` K/V heads shared by groups of query heads.
+
+  Parameters: query [embed, heads, head_dim], key/value [embed, kv_heads,
+  head_dim], out [heads, head_dim, embed].
+  """
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  position_encoding: cfg.PositionEncoding = cfg.PositionEncoding.NONE
+  rotary_dim: int = 0
+  rope_max_wavelength: float = 10_000.0
+  kernel: cfg.AttentionKernel = cfg.AttentionKernel.XLA
+  use_bias: bool = False
+  dropout_rate: float = 0.0
+  deterministic: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  value_init_scale: float = 1.0  # DeepNorm beta on value and out
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, *, q_ctx: Context,
+               kv_ctx: Context, causal: bool,
+               rel_bias: Optional[reference.RelativeBias] = None) -> Array:
+    """inputs_q [batch, q_len, embed], inputs_kv [batch, kv_len, embed] -> [batch, q_len, embed]."""
+    emb = inputs_q.shape[-1]
+    dense = functools.partial(layers.DenseGeneral, use_bias=self.use_bias,
+                              dtype=self.dtype, param_dtype=self.param_dtype)
+    q = dense((self.num_heads, self.head_dim), (ax.EMBED, ax.HEADS, ax.HEAD_DIM),
+              name='query')(inputs_q)  # [batch, q_len, heads, head_dim]
+    k = dense((self.num_kv_heads, self.head_dim), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM),
+              name='key')(inputs_kv)  # [batch, kv_len, kv_heads, head_dim]
+    v = dense((self.num_kv_heads, self.head_dim), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM),
+              init_scale=self.value_init_scale, name='value')(inputs_kv)
+    q = nn.with_logical_constraint(q, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))
+    k = nn.with_logical_constraint(k, (ax.BATCH, ax.LENGTH, ax.KV_HEADS, ax.HEAD_DIM))
+    v = nn.with_logical_constraint(v, (ax.BATCH, ax.LENGTH, ax.KV_HEADS, ax.HEAD_DIM))
+
+    alibi = None
+    match self.position_encoding:
+      case cfg.PositionEncoding.ROPE:
+        q = layers.apply_rope(q, q_ctx.positions, self.rotary_dim, self.rope_max_wavelength)
+        k = layers.apply_rope(k, kv_ctx.positions, self.rotary_dim, self.rope_max_wavelength)
+      case cfg.PositionEncoding.ALIBI:
+        alibi = jnp.asarray(reference.alibi_slopes(self.num_heads))
+      case _:
+        pass  # T5 bias arrives as rel_bias; learned positions were added to the embeddings.
+
+    dropout_rng = None
+    if not self.deterministic and self.dropout_rate > 0.0:
+      dropout_rng = self.make_rng('dropout')
+    out = dot_product_attention(
+        self.kernel, q, k, v, q_ctx=q_ctx, kv_ctx=kv_ctx, causal=causal,
+        alibi_slopes=alibi, rel_bias=rel_bias, dropout_rate=self.dropout_rate,
+        dropout_rng=dropout_rng)  # [batch, q_len, heads, head_dim]
+    out = nn.with_logical_constraint(out, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))
+    return dense((emb,), (ax.HEADS, ax.HEAD_DIM, ax.EMBED), axis=(-2, -1),
+                 init_scale=self.value_init_scale, name='out')(out)

@@ -1,0 +1,165 @@
+"""Frozen configuration dataclasses and the enums that name every choice.
+
+Gin binds these constructors (`DecoderConfig.emb_dim = 512`); enum fields
+accept their lowercase string values too (`position_encoding = 'alibi'`).
+"""
+
+import dataclasses
+import enum
+from typing import Optional
+
+import jax.numpy as jnp
+
+
+class ConfigError(ValueError):
+  """An invalid model configuration."""
+
+
+class PositionEncoding(enum.Enum):
+  ROPE = 'rope'  # rotary, on `rotary_fraction` of each head's dims
+  ALIBI = 'alibi'  # linear biases (BLOOM)
+  T5_BIAS = 't5_bias'  # bucketed relative-position bias shared by a stack
+  LEARNED = 'learned'  # learned absolute table of `max_length` rows
+  NONE = 'none'
+
+
+class NormType(enum.Enum):
+  RMS = 'rms'
+  LAYER = 'layer'
+
+
+class NormPosition(enum.Enum):
+  PRE = 'pre'  # x + f(norm(x)); a final norm after the stack
+  POST = 'post'  # norm(x + f(x))
+  DEEPNORM = 'deepnorm'  # norm(alpha * x + f(x)), beta-scaled init (Wang et al., 2022)
+
+
+class MlpKind(enum.Enum):
+  RELU = 'relu'
+  GELU = 'gelu'
+  SWIGLU = 'swiglu'  # silu(x W0) * (x W1)
+  GEGLU = 'geglu'  # gelu(x W0) * (x W1)
+
+  @property
+  def gated(self) -> bool:
+    return self in (MlpKind.SWIGLU, MlpKind.GEGLU)
+
+
+class AttentionKernel(enum.Enum):
+  XLA = 'xla'  # the jnp reference, compiled by XLA
+
+
+class RematPolicy(enum.Enum):
+  NONE = 'none'  # keep every activation
+  FULL = 'full'  # recompute the whole layer in the backward pass
+  DOTS = 'dots'  # save matmul outputs, recompute the rest
+  DOTS_NO_BATCH = 'dots_no_batch'  # save weight matmuls only (not attention)
+
+
+def _coerce(enum_cls, value, field):
+  if isinstance(value, enum_cls):
+    return value
+  try:
+    return enum_cls(str(value).lower())
+  except ValueError:
+    valid = ', '.join(repr(e.value) for e in enum_cls)
+    raise ConfigError(f'{field}={value!r} is not one of {valid}') from None
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """A decoder-only transformer (causal, or prefix-LM when the batch says so)."""
+  vocab_size: int = 384
+  emb_dim: int = 512
+  num_heads: int = 8
+  num_kv_heads: Optional[int] = None  # None: = num_heads (MHA); 1: MQA
+  head_dim: int = 64
+  mlp_dim: int = 2048
+  num_layers: int = 6
+  mlp: MlpKind = MlpKind.SWIGLU
+  use_bias: bool = False
+  norm: NormType = NormType.RMS
+  norm_position: NormPosition = NormPosition.PRE
+  norm_epsilon: float = 1e-6
+  embed_norm: bool = False  # BLOOM's LayerNorm after the embedding
+  parallel_block: bool = False  # PaLM: x + attn(norm(x)) + mlp(norm(x))
+  position_encoding: PositionEncoding = PositionEncoding.ROPE
+  rotary_fraction: float = 1.0  # GPT-NeoX: 0.25
+  rope_max_wavelength: float = 10_000.0
+  max_length: Optional[int] = None  # longest sequence supported; required for LEARNED
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  tie_embeddings: bool = True
+  dropout_rate: float = 0.0
+  dtype: str = 'float32'  # compute dtype; parameters stay in param_dtype
+  param_dtype: str = 'float32'
+  scan_layers: bool = True
+  remat_policy: RematPolicy = RematPolicy.NONE
+  attention_kernel: AttentionKernel = AttentionKernel.XLA
+
+  def __post_init__(self):
+    name = type(self).__name__
+    for field, cls in (('mlp', MlpKind), ('norm', NormType),
+                       ('norm_position', NormPosition),
+                       ('position_encoding', PositionEncoding),
+                       ('remat_policy', RematPolicy),
+                       ('attention_kernel', AttentionKernel)):
+      object.__setattr__(self, field, _coerce(cls, getattr(self, field), f'{name}.{field}'))
+    if self.num_kv_heads is None:
+      object.__setattr__(self, 'num_kv_heads', self.num_heads)
+    for field in ('vocab_size', 'emb_dim', 'num_heads', 'num_kv_heads', 'head_dim',
+                  'mlp_dim', 'num_layers'):
+      if int(getattr(self, field)) < 1:
+        raise ConfigError(f'{name}.{field}={getattr(self, field)} must be at least 1')
+    if self.num_heads % self.num_kv_heads:
+      raise ConfigError(
+          f'{name}.num_heads={self.num_heads} is not divisible by num_kv_heads='
+          f'{self.num_kv_heads}: set num_kv_heads to a divisor of num_heads')
+    if not 0.0 < self.rotary_fraction <= 1.0:
+      raise ConfigError(f'{name}.rotary_fraction={self.rotary_fraction} must be in (0, 1]')
+    if (self.position_encoding == PositionEncoding.ROPE and self.rotary_dim % 2):
+      raise ConfigError(f'{name}: rotary dims head_dim*rotary_fraction='
+                        f'{self.rotary_dim} must be even: change rotary_fraction')
+    if self.position_encoding == PositionEncoding.LEARNED and not self.max_length:
+      raise ConfigError(f'{name}.position_encoding=learned needs max_length: set '
+                        f'{name}.max_length to the longest sequence')
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ConfigError(f'{name}.dropout_rate={self.dropout_rate} must be in [0, 1)')
+    for field in ('dtype', 'param_dtype'):
+      try:
+        jnp.dtype(getattr(self, field))
+      except TypeError:
+        raise ConfigError(f'{name}.{field}={getattr(self, field)!r} is not a dtype: '
+                          "use 'float32' or 'bfloat16'") from None
+
+  @property
+  def rotary_dim(self) -> int:
+    return int(round(self.head_dim * self.rotary_fraction))
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def params_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  def check_length(self, length: int, what: str = 'sequence') -> None:
+    """Fails when a `length`-token sequence exceeds what positions support."""
+    if self.max_length and length > self.max_length:
+      raise ConfigError(
+          f'{what} length {length} is longer than {type(self).__name__}.max_length='
+          f'{self.max_length} supported by {self.position_encoding.value} positions: '
+          'shorten the task feature lengths or raise max_length')
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderDecoderConfig(DecoderConfig):
+  """A T5-style encoder-decoder; `num_layers` counts decoder layers."""
+  num_encoder_layers: int = 6
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.num_encoder_layers < 1:
+      raise ConfigError(f'EncoderDecoderConfig.num_encoder_layers='
+                        f'{self.num_encoder_layers} must be at least 1')

@@ -1,0 +1,206 @@
+"""Transformer building blocks with logical axis names on every parameter.
+
+Parameter names are checkpoint keys, chosen once: `kernel`/`bias` in dense
+layers; `query/key/value/out` in attention; `wi`, `wi_0/wi_1`, `wo` in MLPs;
+`embedding`; `scale`/`bias` in norms; `rel_embedding` for T5 buckets.
+"""
+
+import functools
+import math
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models import config as cfg
+from partitioning import axes as ax
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+default_kernel_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
+
+
+def _normalize_axes(axes: Sequence[int], ndim: int) -> Tuple[int, ...]:
+  return tuple(a if a >= 0 else ndim + a for a in axes)
+
+
+class DenseGeneral(nn.Module):
+  """The one dense-layer constructor: y = x . W (+ b) over `axis`.
+
+  The kernel keeps the shape it is used in ([in..., out...]), each dimension
+  named by `kernel_axes`. Fine-tuning methods (LoRA, IA3) and quantization
+  wrap this class, so every projection in the models goes through it.
+
+  Attributes:
+    features: output dims, e.g. (heads, head_dim).
+    kernel_axes: logical names of the kernel's dims (inputs then outputs).
+    axis: input dims contracted (default: the last).
+    use_bias: add a bias over the output dims.
+    kernel_init: initializer; fan-in is the product of the contracted dims.
+    init_scale: multiplies the initial kernel (DeepNorm's beta).
+  """
+  features: Tuple[int, ...]
+  kernel_axes: Tuple[str, ...]
+  axis: Tuple[int, ...] = (-1,)
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Initializer = default_kernel_init
+  init_scale: float = 1.0
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = tuple(self.features)
+    axis = _normalize_axes(self.axis, x.ndim)
+    in_shape = tuple(x.shape[a] for a in axis)
+    kernel_shape = in_shape + features
+    if len(self.kernel_axes) != len(kernel_shape):
+      raise ValueError(f'kernel_axes {self.kernel_axes} do not match kernel shape {kernel_shape}')
+
+    def init(key, shape, dtype):
+      # Flatten to 2-D only for the fan-in computation, then restore the shape.
+      fan_in = math.prod(shape[:len(in_shape)])
+      flat = self.kernel_init(key, (fan_in, math.prod(shape[len(in_shape):])), dtype)
+      return (flat * self.init_scale).reshape(shape).astype(dtype)
+
+    kernel = self.param('kernel', nn.with_logical_partitioning(init, self.kernel_axes),
+                        kernel_shape, self.param_dtype)
+    kernel = jnp.asarray(kernel, self.dtype)
+    x = jnp.asarray(x, self.dtype)
+    contract = (axis, tuple(range(len(axis))))
+    y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+    # dot_general puts the uncontracted input dims first, then the features.
+    if self.use_bias:
+      bias = self.param('bias', nn.with_logical_partitioning(
+          nn.initializers.zeros_init(), self.kernel_axes[len(in_shape):]),
+                        features, self.param_dtype)
+      y = y + jnp.asarray(bias, self.dtype)
+    return y
+
+
+class Embed(nn.Module):
+  """Token embedding table [vocab, embed]; `attend` gives tied logits."""
+  num_embeddings: int
+  features: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  embedding_init: Initializer = nn.initializers.normal(stddev=1.0)
+  axes: Tuple[str, str] = (ax.VOCAB, ax.EMBED)
+
+  def setup(self):
+    self.embedding = self.param(
+        'embedding', nn.with_logical_partitioning(self.embedding_init, self.axes),
+        (self.num_embeddings, self.features), self.param_dtype)
+
+  def __call__(self, ids: Array) -> Array:
+    """ids [batch, length] -> [batch, length, embed]."""
+    table = jnp.asarray(self.embedding, self.dtype)
+    return jnp.take(table, ids, axis=0)
+
+  def attend(self, x: Array) -> Array:
+    """x [batch, length, embed] -> logits [batch, length, vocab]."""
+    return jnp.einsum('ble,ve->blv', jnp.asarray(x, self.dtype),
+                      jnp.asarray(self.embedding, self.dtype))
+
+
+class RMSNorm(nn.Module):
+  """x / rms(x) * scale, computed in f32."""
+  epsilon: float = 1e-6
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones_init(), (ax.EMBED,)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """(x - mean) / std * scale + bias, computed in f32."""
+  epsilon: float = 1e-6
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    d = x.shape[-1]
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones_init(), (ax.EMBED,)),
+                       (d,), self.param_dtype)
+    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(), (ax.EMBED,)),
+                      (d,), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def make_norm(config: cfg.DecoderConfig, name: str) -> nn.Module:
+  match config.norm:
+    case cfg.NormType.RMS:
+      return RMSNorm(epsilon=config.norm_epsilon, dtype=config.compute_dtype,
+                     param_dtype=config.params_dtype, name=name)
+    case cfg.NormType.LAYER:
+      return LayerNorm(epsilon=config.norm_epsilon, dtype=config.compute_dtype,
+                       param_dtype=config.params_dtype, name=name)
+
+
+def apply_rope(x: Array, positions: Array, rotary_dim: int,
+               max_wavelength: float = 10_000.0) -> Array:
+  """Rotary embedding on the first `rotary_dim` dims of each head.
+
+  GPT-NeoX/LLaMA layout: the rotated dims are split in halves (x1, x2) and
+  rotated as (x1 cos - x2 sin, x2 cos + x1 sin); the rest pass through.
+
+  Args:
+    x: [batch, length, heads, head_dim].
+    positions: [batch, length] integer positions.
+    rotary_dim: even number of leading dims rotated.
+    max_wavelength: the base of the frequencies.
+  """
+  half = rotary_dim // 2
+  freq = max_wavelength ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [half]
+  angle = positions.astype(jnp.float32)[:, :, None] * freq  # [batch, length, half]
+  sin = jnp.sin(angle)[:, :, None, :]
+  cos = jnp.cos(angle)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2, rest = x32[..., :half], x32[..., half:rotary_dim], x32[..., rotary_dim:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
+  return out.astype(x.dtype)
+
+
+class MlpBlock(nn.Module):
+  """Feed-forward block: [batch, length, embed] -> same.
+
+  Gated kinds (SwiGLU, GeGLU) use `wi_0` (activated) and `wi_1` (linear);
+  plain kinds use `wi`. The output projection is `wo`.
+  """
+  mlp_dim: int
+  kind: cfg.MlpKind = cfg.MlpKind.SWIGLU
+  use_bias: bool = False
+  dropout_rate: float = 0.0
+  deterministic: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  init_scale: float = 1.0  # DeepNorm beta on both projections
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    emb = x.shape[-1]
+    dense = functools.partial(DenseGeneral, use_bias=self.use_bias, dtype=self.dtype,
+                              param_dtype=self.param_dtype, init_scale=self.init_scale)
+    act = {cfg.MlpKind.RELU: jax.nn.relu, cfg.MlpKind.GELU: jax.nn.gelu,
+           cfg.MlpKind.SWIGLU: jax.nn.silu, cfg.MlpKind.GEGLU: jax.nn.gelu}[self.kind]
+    if self.kind.gated:
+      h = act(dense((self.mlp_dim,), (ax.EMBED, ax.MLP), name='wi_0')(x))
+      h = h * dense((self.mlp_dim,), (ax.EMBED, ax.MLP), name='wi_1')(x)
+    else:
+      h = act(dense((self.mlp_dim,), (ax.EMBED, ax.MLP), name='wi')(x))
+    h = nn.with_logical_constraint(h, (ax.BATCH, ax.LENGTH, ax.MLP))  # [batch, length, mlp]
+    h = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(h, deterministic=self.deterministic)
+    return dense((emb,), (ax.MLP, ax.EMBED), name='wo')(h)

@@ -1,0 +1,136 @@
+"""Model wrappers: a Flax module plus its loss, scoring and batch contract.
+
+The trainer only sees this interface: `init_variables`, `loss_fn` (returning
+sums so that sharded, accumulated and single-device steps normalise the same
+way), `per_token_loss` and `score_batch` (per-sequence log-likelihoods, the
+seam DPO and reward models build on).
+"""
+
+import abc
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import config as cfg
+from models import losses
+from models import transformer
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+
+
+class BaseModel(abc.ABC):
+  """Loss and batch contract around a Flax module."""
+
+  # Features the module reads, and which of them are optional.
+  FEATURES: Tuple[str, ...] = ()
+  OPTIONAL_FEATURES: Tuple[str, ...] = ()
+
+  def __init__(self, config: cfg.DecoderConfig, z_loss: float = 1e-4,
+               label_smoothing: float = 0.0):
+    if z_loss < 0:
+      raise cfg.ConfigError(f'z_loss={z_loss} must be >= 0')
+    if not 0.0 <= label_smoothing < 1.0:
+      raise cfg.ConfigError(f'label_smoothing={label_smoothing} must be in [0, 1)')
+    self.config = config
+    self.z_loss = z_loss
+    self.label_smoothing = label_smoothing
+    self.module = self._make_module()  # deterministic: init, eval, scoring
+    self._train_module = self.module.clone(deterministic=False)  # dropout on
+
+  @abc.abstractmethod
+  def _make_module(self) -> nn.Module:
+    ...
+
+  @abc.abstractmethod
+  def feature_shapes(self, batch_size: int, feature_lengths: Mapping[str, int]) -> Dict[str, tuple]:
+    """Shapes of the model features for task feature lengths."""
+
+  def _module_inputs(self, batch: Batch) -> Dict[str, Array]:
+    names = self.FEATURES + self.OPTIONAL_FEATURES
+    return {k: batch[k] for k in names if k in batch and k != 'decoder_loss_weights'}
+
+  def dummy_batch(self, batch_size: int, feature_lengths: Mapping[str, int]) -> Dict[str, np.ndarray]:
+    return {k: np.zeros(s, np.int32) for k, s in
+            self.feature_shapes(batch_size, feature_lengths).items()}
+
+  def init_variables(self, rng: Array, batch: Batch):
+    """Boxed (logically partitioned) variables; call under jit / eval_shape."""
+    return self.module.init({'params': rng}, **self._module_inputs(batch))
+
+  def apply(self, params, batch: Batch, dropout_rng: Optional[Array] = None) -> Array:
+    """Logits [batch, length, vocab] (f32)."""
+    if dropout_rng is None:
+      return self.module.apply({'params': params}, **self._module_inputs(batch))
+    return self._train_module.apply({'params': params}, **self._module_inputs(batch),
+                                    rngs={'dropout': dropout_rng})
+
+  def per_token_loss(self, params, batch: Batch, dropout_rng=None) -> Tuple[Array, Array, Array]:
+    """(loss, z_loss term, logits): loss and z-term [batch, length], unweighted."""
+    logits = self.apply(params, batch, dropout_rng)
+    loss, z = losses.cross_entropy_with_logits(
+        logits, batch['decoder_target_tokens'], self.z_loss, self.label_smoothing)
+    return loss, z, logits
+
+  def loss_fn(self, params, batch: Batch, dropout_rng=None) -> Tuple[Array, Dict[str, Array]]:
+    """Weighted loss *sum* and auxiliary sums; divide by aux['weight_sum']."""
+    loss, z, logits = self.per_token_loss(params, batch, dropout_rng)
+    weights = batch['decoder_loss_weights'].astype(jnp.float32)
+    correct = (jnp.argmax(logits, -1) == batch['decoder_target_tokens']).astype(jnp.float32)
+    aux = {'weight_sum': jnp.sum(weights), 'z_loss_sum': jnp.sum(z * weights),
+           'correct_sum': jnp.sum(correct * weights)}
+    return jnp.sum(loss * weights), aux
+
+  def score_batch(self, params, batch: Batch) -> Array:
+    """Sum of target-token log-likelihoods per example [batch] (no z-loss, no smoothing)."""
+    logits = self.apply(params, batch)
+    logp, _ = losses.cross_entropy_with_logits(logits, batch['decoder_target_tokens'])
+    return -jnp.sum(logp * batch['decoder_loss_weights'], axis=-1)
+
+
+class DecoderOnlyModel(BaseModel):
+  """Causal LM, or prefix-LM when batches carry `decoder_causal_attention`."""
+  FEATURES = ('decoder_input_tokens', 'decoder_target_tokens', 'decoder_loss_weights')
+  OPTIONAL_FEATURES = ('decoder_positions', 'decoder_segment_ids', 'decoder_causal_attention')
+
+  def _make_module(self):
+    return transformer.DecoderOnly(self.config)
+
+  def feature_shapes(self, batch_size, feature_lengths):
+    length = feature_lengths['targets'] + feature_lengths.get('inputs', 0)
+    return {k: (batch_size, length) for k in self.FEATURES + self.OPTIONAL_FEATURES}
+
+  def check_lengths(self, feature_lengths: Mapping[str, int]) -> None:
+    self.config.check_length(feature_lengths['targets'] + feature_lengths.get('inputs', 0))
+
+
+class EncoderDecoderModel(BaseModel):
+  """T5-style encoder-decoder."""
+  FEATURES = ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens',
+              'decoder_loss_weights')
+  OPTIONAL_FEATURES = ('encoder_positions', 'decoder_positions', 'encoder_segment_ids',
+                       'decoder_segment_ids')
+
+  def __init__(self, config: cfg.EncoderDecoderConfig, **kwargs):
+    if not isinstance(config, cfg.EncoderDecoderConfig):
+      raise cfg.ConfigError('EncoderDecoderModel needs an EncoderDecoderConfig, got '
+                            f'{type(config).__name__}: bind EncoderDecoderModel.config = '
+                            '@EncoderDecoderConfig()')
+    super().__init__(config, **kwargs)
+
+  def _make_module(self):
+    return transformer.EncoderDecoder(self.config)
+
+  def feature_shapes(self, batch_size, feature_lengths):
+    shapes = {}
+    for k in self.FEATURES + self.OPTIONAL_FEATURES:
+      side = 'inputs' if k.startswith('encoder') else 'targets'
+      shapes[k] = (batch_size, feature_lengths[side])
+    return shapes
+
+  def check_lengths(self, feature_lengths: Mapping[str, int]) -> None:
+    self.config.check_length(feature_lengths['inputs'], 'inputs')
+    self.config.check_length(feature_lengths['targets'], 'targets')

@@ -1,0 +1,287 @@
+"""Transformer layers and stacks: decoder-only and T5-style encoder-decoder.
+
+Layers take explicit arguments derived from the config; stacks pick scan or
+an unrolled loop and the rematerialisation policy. Parameter paths:
+  DecoderOnly:    token_embedder, decoder/{pos_embedder, embed_norm, relpos_bias,
+                  layers[_i], decoder_norm, logits_dense}
+  EncoderDecoder: token_embedder, encoder/{... encoder_norm}, decoder/{...}
+With `scan_layers`, `layers` holds every parameter stacked on a leading
+`layers` axis; unrolled, `layers_0`, `layers_1`, ... hold one layer each.
+"""
+
+import functools
+import math
+from typing import Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models import attention as attn
+from models import config as cfg
+from models import layers
+from pallas_kernels.flash_attention import reference
+from partitioning import axes as ax
+
+Array = jax.Array
+
+_REMAT_POLICIES = {
+    cfg.RematPolicy.FULL: None,  # save nothing
+    cfg.RematPolicy.DOTS: jax.checkpoint_policies.checkpoint_dots,
+    cfg.RematPolicy.DOTS_NO_BATCH: jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def deepnorm_constants(num_encoder_layers: int, num_decoder_layers: int,
+                       encoder: bool) -> Tuple[float, float]:
+  """DeepNet's (alpha, beta) (Wang et al., 2022, Table 1)."""
+  n, m = num_encoder_layers, num_decoder_layers
+  if n == 0:  # decoder-only
+    return (2 * m) ** 0.25, (8 * m) ** -0.25
+  if encoder:
+    return 0.81 * (n ** 4 * m) ** (1 / 16), 0.87 * (n ** 4 * m) ** (-1 / 16)
+  return (3 * m) ** 0.25, (12 * m) ** -0.25
+
+
+class TransformerLayer(nn.Module):
+  """One encoder or decoder layer.
+
+  Residual placement follows `config.norm_position` (pre, post, DeepNorm) or
+  PaLM's parallel block; decoder layers of an encoder-decoder add
+  cross-attention over the encoder output.
+  """
+  config: cfg.DecoderConfig
+  causal: bool
+  cross_attention: bool = False
+  deterministic: bool = True
+  deepnorm_alpha: float = 1.0
+  deepnorm_beta: float = 1.0
+
+  @nn.compact
+  def __call__(self, x: Array, ctx: attn.Context, rel_table: Optional[Array],
+               encoded: Optional[Array], enc_ctx: Optional[attn.Context]):
+    """x [batch, length, embed] -> ([batch, length, embed], None) (scan carry)."""
+    c = self.config
+    deepnorm = c.norm_position == cfg.NormPosition.DEEPNORM
+    beta = self.deepnorm_beta if deepnorm else 1.0
+    rel_bias = None
+    if rel_table is not None:
+      rel_bias = reference.RelativeBias(rel_table, c.relative_attention_num_buckets,
+                                        c.relative_attention_max_distance,
+                                        bidirectional=not self.causal)
+    make_attention = functools.partial(
+        attn.MultiHeadAttention, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+        head_dim=c.head_dim, rotary_dim=c.rotary_dim, rope_max_wavelength=c.rope_max_wavelength,
+        kernel=c.attention_kernel, use_bias=c.use_bias, dropout_rate=c.dropout_rate,
+        deterministic=self.deterministic, dtype=c.compute_dtype, param_dtype=c.params_dtype,
+        value_init_scale=beta)
+    self_attention = make_attention(position_encoding=c.position_encoding, name='self_attention')
+    mlp = layers.MlpBlock(c.mlp_dim, c.mlp, use_bias=c.use_bias, dropout_rate=c.dropout_rate,
+                          deterministic=self.deterministic, dtype=c.compute_dtype,
+                          param_dtype=c.params_dtype, init_scale=beta, name='mlp')
+    drop = lambda y: nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))(
+        y, deterministic=self.deterministic)
+    x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.EMBED))
+
+    def self_attend(y):
+      return self_attention(y, y, q_ctx=ctx, kv_ctx=ctx, causal=self.causal, rel_bias=rel_bias)
+
+    def cross_attend(y):
+      # Positions only matter for position biases, which cross-attention lacks.
+      return make_attention(position_encoding=cfg.PositionEncoding.NONE,
+                            name='cross_attention')(
+          y, encoded, q_ctx=ctx, kv_ctx=enc_ctx, causal=False)
+
+    if c.parallel_block:
+      y = layers.make_norm(c, 'pre_norm')(x)
+      x = x + drop(self_attend(y)) + drop(mlp(y))
+      if self.cross_attention:
+        x = x + drop(cross_attend(layers.make_norm(c, 'pre_cross_attention_norm')(x)))
+    elif c.norm_position == cfg.NormPosition.PRE:
+      x = x + drop(self_attend(layers.make_norm(c, 'pre_self_attention_norm')(x)))
+      if self.cross_attention:
+        x = x + drop(cross_attend(layers.make_norm(c, 'pre_cross_attention_norm')(x)))
+      x = x + drop(mlp(layers.make_norm(c, 'pre_mlp_norm')(x)))
+    else:  # POST or DEEPNORM: norm(alpha * x + f(x)), alpha = 1 for POST
+      alpha = self.deepnorm_alpha if deepnorm else 1.0
+      x = layers.make_norm(c, 'post_self_attention_norm')(alpha * x + drop(self_attend(x)))
+      if self.cross_attention:
+        x = layers.make_norm(c, 'post_cross_attention_norm')(alpha * x + drop(cross_attend(x)))
+      x = layers.make_norm(c, 'post_mlp_norm')(alpha * x + drop(mlp(x)))
+    x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.EMBED))
+    return x, None
+
+
+class Stack(nn.Module):
+  """`num_layers` TransformerLayers, scanned or unrolled, with remat."""
+  config: cfg.DecoderConfig
+  num_layers: int
+  causal: bool
+  cross_attention: bool = False
+  deterministic: bool = True
+  deepnorm_alpha: float = 1.0
+  deepnorm_beta: float = 1.0
+
+  @nn.compact
+  def __call__(self, x, ctx, rel_table=None, encoded=None, enc_ctx=None):
+    c = self.config
+    layer_cls = TransformerLayer
+    if c.remat_policy != cfg.RematPolicy.NONE:
+      layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[c.remat_policy],
+                           prevent_cse=not c.scan_layers)
+    kwargs = dict(config=c, causal=self.causal, cross_attention=self.cross_attention,
+                  deterministic=self.deterministic, deepnorm_alpha=self.deepnorm_alpha,
+                  deepnorm_beta=self.deepnorm_beta)
+    if c.scan_layers:
+      scanned = nn.scan(layer_cls, variable_axes={'params': 0},
+                        split_rngs={'params': True, 'dropout': True},
+                        in_axes=(nn.broadcast,) * 4, length=self.num_layers,
+                        metadata_params={nn.PARTITION_NAME: ax.LAYERS})
+      x, _ = scanned(**kwargs, name='layers')(x, ctx, rel_table, encoded, enc_ctx)
+    else:
+      for i in range(self.num_layers):
+        x, _ = layer_cls(**kwargs, name=f'layers_{i}')(x, ctx, rel_table, encoded, enc_ctx)
+    return x
+
+
+class _StackIO(nn.Module):
+  """Shared input/output handling of an encoder or decoder stack."""
+  config: cfg.DecoderConfig
+  embedder: layers.Embed
+  deterministic: bool = True
+
+  def embed(self, tokens: Array, ctx: attn.Context) -> Array:
+    c = self.config
+    x = self.embedder(tokens)  # [batch, length, embed]
+    if c.position_encoding == cfg.PositionEncoding.LEARNED:
+      pos_table = self.param('pos_embedder', nn.with_logical_partitioning(
+          nn.initializers.normal(stddev=1.0), (ax.ABSPOS, ax.EMBED)),
+          (c.max_length, c.emb_dim), c.params_dtype)
+      x = x + jnp.take(jnp.asarray(pos_table, c.compute_dtype), ctx.positions, axis=0)
+    if c.embed_norm:
+      x = layers.make_norm(c, 'embed_norm')(x)
+    x = nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))(x, deterministic=self.deterministic)
+    return x.astype(c.compute_dtype)
+
+  def rel_table(self) -> Optional[Array]:
+    c = self.config
+    if c.position_encoding != cfg.PositionEncoding.T5_BIAS:
+      return None
+    return self.param('relpos_bias', nn.with_logical_partitioning(
+        nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform'),
+        (ax.HEADS, ax.RELPOS_BUCKETS)),
+        (c.num_heads, c.relative_attention_num_buckets), c.params_dtype)
+
+  def final_norm(self, x: Array, name: str) -> Array:
+    c = self.config
+    if c.norm_position == cfg.NormPosition.PRE or c.parallel_block:
+      x = layers.make_norm(c, name)(x)
+    return nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))(x, deterministic=self.deterministic)
+
+
+class Encoder(_StackIO):
+  """Bidirectional encoder: tokens [batch, length] -> [batch, length, embed]."""
+  num_decoder_layers: int = 0
+
+  @nn.compact
+  def __call__(self, tokens: Array, ctx: attn.Context) -> Array:
+    c = self.config
+    alpha, beta = deepnorm_constants(c.num_encoder_layers, self.num_decoder_layers, encoder=True)
+    x = self.embed(tokens, ctx)
+    x = Stack(c, c.num_encoder_layers, causal=False, deterministic=self.deterministic,
+              deepnorm_alpha=alpha, deepnorm_beta=beta, name='stack')(x, ctx, self.rel_table())
+    return self.final_norm(x, 'encoder_norm')
+
+
+class Decoder(_StackIO):
+  """Causal decoder (optionally prefix-LM, or cross-attending to an encoder).
+
+  tokens [batch, length] -> logits [batch, length, vocab] in f32.
+  """
+  num_encoder_layers: int = 0
+
+  @nn.compact
+  def __call__(self, tokens: Array, ctx: attn.Context, encoded: Optional[Array] = None,
+               enc_ctx: Optional[attn.Context] = None) -> Array:
+    c = self.config
+    alpha, beta = deepnorm_constants(self.num_encoder_layers, c.num_layers, encoder=False)
+    x = self.embed(tokens, ctx)
+    x = Stack(c, c.num_layers, causal=True, cross_attention=encoded is not None,
+              deterministic=self.deterministic, deepnorm_alpha=alpha, deepnorm_beta=beta,
+              name='stack')(x, ctx, self.rel_table(), encoded, enc_ctx)
+    x = self.final_norm(x, 'decoder_norm')
+    if c.tie_embeddings:
+      # Tied logits are scaled by 1/sqrt(embed) since embeddings are init'd N(0, 1).
+      logits = self.embedder.attend(x) / jnp.sqrt(jnp.asarray(c.emb_dim, c.compute_dtype))
+    else:
+      logits = layers.DenseGeneral((c.vocab_size,), (ax.EMBED, ax.VOCAB), dtype=c.compute_dtype,
+                                   param_dtype=c.params_dtype, name='logits_dense')(x)
+    logits = nn.with_logical_constraint(logits, (ax.BATCH, ax.LENGTH, ax.VOCAB))
+    return logits.astype(jnp.float32)  # [batch, length, vocab]
+
+
+def _context(tokens: Array, positions: Optional[Array], segment_ids: Optional[Array],
+             prefix: Optional[Array] = None, valid: Optional[Array] = None) -> attn.Context:
+  """Fills positions (arange) and segment ids (1 = token, 0 = padding) when unpacked."""
+  batch, length = tokens.shape
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  if segment_ids is None:
+    segment_ids = (valid if valid is not None else tokens > 0).astype(jnp.int32)
+  return attn.Context(positions=positions, segment_ids=segment_ids,
+                      prefix=None if prefix is None else prefix.astype(bool))
+
+
+def _embedder(c: cfg.DecoderConfig) -> layers.Embed:
+  return layers.Embed(c.vocab_size, c.emb_dim, dtype=c.compute_dtype,
+                      param_dtype=c.params_dtype, name='token_embedder')
+
+
+class DecoderOnly(nn.Module):
+  """GPT/PaLM/LLaMA/BLOOM-style decoder; prefix-LM when `causal_attention` is given."""
+  config: cfg.DecoderConfig
+  deterministic: bool = True  # False enables dropout
+
+  @nn.compact
+  def __call__(self, decoder_input_tokens: Array, decoder_target_tokens: Optional[Array] = None,
+               decoder_positions: Optional[Array] = None,
+               decoder_segment_ids: Optional[Array] = None,
+               decoder_causal_attention: Optional[Array] = None) -> Array:
+    """Returns logits [batch, length, vocab] (f32)."""
+    valid = None if decoder_target_tokens is None else decoder_target_tokens > 0
+    ctx = _context(decoder_input_tokens, decoder_positions, decoder_segment_ids,
+                   decoder_causal_attention, valid)
+    return Decoder(self.config, _embedder(self.config), deterministic=self.deterministic,
+                   name='decoder')(decoder_input_tokens, ctx)
+
+
+class EncoderDecoder(nn.Module):
+  """T5-style encoder-decoder sharing one token embedding."""
+  config: cfg.EncoderDecoderConfig
+  deterministic: bool = True  # False enables dropout
+
+  def setup(self):
+    c = self.config
+    self.token_embedder = _embedder(c)
+    self.encoder = Encoder(c, self.token_embedder, deterministic=self.deterministic,
+                           num_decoder_layers=c.num_layers)
+    self.decoder = Decoder(c, self.token_embedder, deterministic=self.deterministic,
+                           num_encoder_layers=c.num_encoder_layers)
+
+  def encode(self, encoder_input_tokens: Array, encoder_positions: Optional[Array] = None,
+             encoder_segment_ids: Optional[Array] = None):
+    """-> (encoded [batch, inputs_length, embed], encoder Context)."""
+    ctx = _context(encoder_input_tokens, encoder_positions, encoder_segment_ids)
+    return self.encoder(encoder_input_tokens, ctx), ctx
+
+  def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+               decoder_target_tokens: Optional[Array] = None,
+               encoder_positions: Optional[Array] = None,
+               decoder_positions: Optional[Array] = None,
+               encoder_segment_ids: Optional[Array] = None,
+               decoder_segment_ids: Optional[Array] = None) -> Array:
+    """Returns logits [batch, target_length, vocab] (f32)."""
+    encoded, enc_ctx = self.encode(encoder_input_tokens, encoder_positions, encoder_segment_ids)
+    valid = None if decoder_target_tokens is None else decoder_target_tokens > 0
+    ctx = _context(decoder_input_tokens, decoder_positions, decoder_segment_ids, None, valid)
+    return self.decoder(decoder_input_tokens, ctx, encoded, enc_ctx)

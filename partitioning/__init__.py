@@ -1,0 +1,1 @@
+"""Logical axis names, rule tables, meshes and the partitioner."""

@@ -1,0 +1,32 @@
+"""t5x_like: a JAX-native research codebase for training large language models."""
+
+import setuptools
+
+setuptools.setup(
+    name='t5x_like',
+    version='0.1.0',
+    description='Gin-configured Flax transformers, sharded training, seqio data.',
+    python_requires='>=3.10',
+    packages=setuptools.find_packages(include=['t5x_like*', 'models*', 'partitioning*',
+                                               'pallas_kernels*']),
+    py_modules=['train'],
+    package_data={'': ['*.gin']},
+    include_package_data=True,
+    # Bounds: the lower bound of each is the version the test suite ran on.
+    install_requires=[
+        'jax>=0.10.2,<0.13',
+        'flax>=0.12.8,<0.13',
+        'optax>=0.2.8,<0.3',
+        'orbax-checkpoint>=0.12.8,<0.13',
+        'seqio>=0.0.20,<0.1',
+        'tensorflow>=2.21,<2.22',  # seqio's tf.data pipelines
+        'grain>=0.2.18,<0.3',
+        'gin-config>=0.5.0,<0.6',
+        'sentencepiece>=0.2.0,<0.3',
+        'tensorboardX>=2.6.2,<3',  # TensorBoard event files
+        'numpy>=2.0,<3',
+    ],
+    extras_require={
+        'test': ['pytest>=8,<10'],
+    },
+)

@@ -1,0 +1,1 @@
+"""t5x_like: train entry, trainer, checkpoints, data and tasks."""

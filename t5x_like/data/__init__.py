@@ -1,0 +1,1 @@
+"""seqio tasks over the embedded corpus, preprocessors and the input pipeline."""

@@ -1,0 +1,173 @@
+"""The input pipeline: seqio task -> feature converter -> global batches -> host rows.
+
+Determinism and resumption: every process builds the same global batch stream
+from `seed` (so the stream does not depend on the number of hosts) and keeps
+the rows it feeds. The iterator's state is the number of batches consumed; a
+restored iterator skips exactly that many batches, so a resumed run sees the
+exact next batch. Skipping replays the preprocessing of the skipped batches.
+"""
+
+import dataclasses
+import difflib
+import hashlib
+from typing import Any, Dict, Iterator, Mapping, Optional
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from models import model as model_lib
+from t5x_like.data import tasks  # pylint: disable=unused-import  (registers the corpus tasks)
+
+
+class DataError(ValueError):
+  """A dataset configuration that cannot be served."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+  """What to read and how to batch it.
+
+  Attributes:
+    mixture_or_task_name: a registered seqio Task or Mixture.
+    task_feature_lengths: e.g. {'targets': 512} or {'inputs': 512, 'targets': 114}.
+    split: 'train' or 'validation'.
+    batch_size: the global batch size (all hosts together).
+    shuffle: shuffle documents and examples.
+    seed: the data seed; the same seed gives the same batches.
+    pack: pack several examples into each row (segment ids and positions).
+    use_cached: read a seqio cache made offline.
+  """
+  mixture_or_task_name: str
+  task_feature_lengths: Mapping[str, int]
+  split: str = 'train'
+  batch_size: int = 32
+  shuffle: bool = True
+  seed: int = 0
+  pack: bool = True
+  use_cached: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, 'task_feature_lengths', dict(self.task_feature_lengths))
+    if self.batch_size < 1:
+      raise DataError(f'batch size {self.batch_size} must be at least 1')
+
+
+def get_mixture_or_task(name: str):
+  try:
+    return seqio.get_mixture_or_task(name)
+  except ValueError:
+    known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f'did you mean {", ".join(close)}?' if close else f'registered: {", ".join(known[:10])}'
+    raise DataError(f'unknown mixture or task {name!r}: {hint} (set MIXTURE_OR_TASK_NAME)') from None
+
+
+def feature_converter(model: model_lib.BaseModel, task_feature_lengths: Mapping[str, int],
+                      pack: bool) -> seqio.FeatureConverter:
+  """The seqio converter that produces `model`'s features."""
+  if isinstance(model, model_lib.EncoderDecoderModel):
+    if 'inputs' not in task_feature_lengths:
+      raise DataError("an encoder-decoder needs an 'inputs' feature length: set "
+                      "TASK_FEATURE_LENGTHS = {'inputs': ..., 'targets': ...}")
+    return seqio.EncDecFeatureConverter(pack=pack)
+  if 'inputs' in task_feature_lengths:
+    return seqio.PrefixLMFeatureConverter(pack=pack)
+  return seqio.DecoderFeatureConverter(pack=pack)
+
+
+def validate(config: DatasetConfig, model: model_lib.BaseModel) -> None:
+  """Checks names, lengths and vocabulary before anything runs."""
+  task = get_mixture_or_task(config.mixture_or_task_name)
+  for key in config.task_feature_lengths:
+    if key not in task.output_features:
+      raise DataError(f'task feature length {key!r} is not a feature of '
+                      f'{config.mixture_or_task_name!r} (it has {sorted(task.output_features)})')
+  for key, feature in task.output_features.items():
+    if key not in config.task_feature_lengths:
+      raise DataError(f'{config.mixture_or_task_name!r} needs a length for feature {key!r}: '
+                      f'add it to TASK_FEATURE_LENGTHS')
+    if feature.vocabulary.vocab_size > model.config.vocab_size:
+      raise DataError(f'the {key!r} vocabulary has {feature.vocabulary.vocab_size} ids but the '
+                      f'model vocab_size is {model.config.vocab_size}: raise '
+                      f'{type(model.config).__name__}.vocab_size')
+  if config.split not in task.splits:
+    raise DataError(f'split {config.split!r} is not one of {list(task.splits)}')
+  model.check_lengths(config.task_feature_lengths)
+
+
+def build_dataset(config: DatasetConfig, model: model_lib.BaseModel,
+                  num_epochs: Optional[int] = None) -> tf.data.Dataset:
+  """Global batches of model features (numpy-convertible), repeated forever by default."""
+  converter = feature_converter(model, config.task_feature_lengths, config.pack)
+  ds = seqio.get_dataset(
+      config.mixture_or_task_name, task_feature_lengths=config.task_feature_lengths,
+      feature_converter=converter, dataset_split=config.split, use_cached=config.use_cached,
+      shuffle=config.shuffle, num_epochs=num_epochs, seed=config.seed, verbose=False)
+  return ds.batch(config.batch_size, drop_remainder=True)
+
+
+def batch_shapes(config: DatasetConfig, model: model_lib.BaseModel) -> Dict[str, tuple]:
+  """Feature name -> global batch shape, read from the pipeline's element spec."""
+  spec = build_dataset(config, model).element_spec
+  return {k: tuple(v.shape) for k, v in spec.items()}
+
+
+def batch_hash(batch: Mapping[str, np.ndarray]) -> str:
+  """A short digest of a batch, logged per step so resumes can be audited."""
+  h = hashlib.sha256()
+  for k in sorted(batch):
+    h.update(k.encode())
+    h.update(np.ascontiguousarray(batch[k]).tobytes())
+  return h.hexdigest()[:16]
+
+
+class InputIterator:
+  """Host-local batches with a checkpointable position.
+
+  Yields dicts of numpy arrays holding rows `row_slice` of each global batch.
+  """
+
+  def __init__(self, config: DatasetConfig, model: model_lib.BaseModel,
+               row_slice: slice = slice(None), num_epochs: Optional[int] = None):
+    self.config = config
+    self.model = model
+    self.row_slice = row_slice
+    self.num_epochs = num_epochs
+    self.batches_consumed = 0
+    self._it: Optional[Iterator] = None
+
+  def _iterator(self) -> Iterator:
+    if self._it is None:
+      ds = build_dataset(self.config, self.model, self.num_epochs)
+      if self.batches_consumed:
+        ds = ds.skip(self.batches_consumed)
+      self._it = ds.prefetch(2).as_numpy_iterator()
+    return self._it
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    batch = next(self._iterator())
+    self.batches_consumed += 1
+    return {k: v[self.row_slice] for k, v in batch.items()}
+
+  def state(self) -> Dict[str, Any]:
+    return {'batches_consumed': self.batches_consumed, 'seed': self.config.seed,
+            'batch_size': self.config.batch_size,
+            'mixture_or_task_name': self.config.mixture_or_task_name,
+            'task_feature_lengths': dict(self.config.task_feature_lengths)}
+
+  def restore(self, state: Mapping[str, Any], allow_changes: bool = False) -> None:
+    """Continues after `state['batches_consumed']` batches of the same stream."""
+    mine = self.state()
+    changed = [k for k in ('seed', 'batch_size', 'mixture_or_task_name', 'task_feature_lengths')
+               if k in state and state[k] != mine[k]]
+    if changed and not allow_changes:
+      diffs = ', '.join(f'{k}: checkpoint {state[k]!r} vs now {mine[k]!r}' for k in changed)
+      raise DataError(f'the checkpointed data iterator was for another pipeline ({diffs}): '
+                      'restore with the same data settings, or set '
+                      'train.allow_data_changes = True to start this pipeline afresh')
+    self.batches_consumed = 0 if changed else int(state['batches_consumed'])
+    self._it = None

@@ -1,0 +1,196 @@
+"""The training state, a pure train step, and its sharded compilation.
+
+`train_step(state, batch) -> (state, metrics)` is a pure function: gradient
+accumulation over microbatches (f32 sums, normalised once by the global
+number of target tokens, so accumulated, sharded and single-device steps
+compute the same update), then the optax update. `Trainer` builds the state's
+shardings from the model's logical axis names and jits the step with them.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from models import model as model_lib
+from partitioning import axes as ax
+from partitioning import partitioner as partitioner_lib
+from t5x_like import optimizers
+
+Array = jax.Array
+Metrics = Dict[str, Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array  # int32 scalar
+  params: Any
+  opt_state: Any
+
+
+def _sum_tree(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
+class Trainer:
+  """Owns the model, optimizer and partitioner; compiles train and eval steps.
+
+  Args:
+    model: a `models.model.BaseModel`.
+    optimizer: an `optimizers.Optimizer`.
+    partitioner: the mesh and rule table.
+    batch_shapes: the global batch's features and shapes, e.g. from
+      `pipeline.batch_shapes` or `model.feature_shapes`.
+    num_microbatches: gradient accumulation steps per train step.
+    seed: seeds parameter init and dropout (dropout key = fold_in(seed, step)).
+  """
+
+  def __init__(self, model: model_lib.BaseModel, optimizer: optimizers.Optimizer,
+               partitioner: partitioner_lib.Partitioner,
+               batch_shapes: Mapping[str, Tuple[int, ...]], num_microbatches: int = 1,
+               seed: int = 0):
+    self.model = model
+    self.optimizer = optimizer
+    self.partitioner = partitioner
+    self.batch_shapes = {k: tuple(v) for k, v in batch_shapes.items()}
+    batch_size = self.batch_size = next(iter(self.batch_shapes.values()))[0]
+    self.num_microbatches = num_microbatches
+    self.seed = seed
+    partitioner.check_batch_size(batch_size)
+    if num_microbatches < 1 or batch_size % num_microbatches:
+      raise partitioner_lib.BatchError(
+          f'batch size {batch_size} is not divisible by num_microbatches={num_microbatches}: '
+          'change train.num_microbatches')
+    micro = batch_size // num_microbatches
+    if micro % partitioner.data_parallel_size:
+      raise partitioner_lib.BatchError(
+          f'microbatch size {micro} (batch {batch_size} / {num_microbatches} microbatches) is '
+          f'not divisible by the data-parallel size {partitioner.data_parallel_size}: '
+          'change train.num_microbatches or train.batch_size')
+    self._dummy = {k: np.zeros(v, np.int32) for k, v in self.batch_shapes.items()}
+    self.batch_shardings = {k: partitioner.batch_sharding(v.ndim) for k, v in self._dummy.items()}
+    self._build_abstract_state()
+    self._jit_train_step = None
+    self._jit_eval_step = None
+
+  # --- state --------------------------------------------------------------------
+  def _init_params_boxed(self, rng):
+    return self.model.init_variables(rng, self._dummy)['params']
+
+  def _build_abstract_state(self):
+    p = self.partitioner
+    with p.context():
+      boxed = jax.eval_shape(self._init_params_boxed, jax.random.PRNGKey(0))
+    self.param_logical_specs = nn.get_partition_spec(boxed)
+    param_shardings = p.boxed_shardings(boxed)
+    abstract_params = nn.unbox(boxed)
+    abstract_opt = jax.eval_shape(self.optimizer.tx.init, abstract_params)
+    opt_shardings = p.derived_shardings(abstract_opt, abstract_params, param_shardings)
+    self.state_shardings = TrainState(step=p.replicated(), params=param_shardings,
+                                      opt_state=opt_shardings)
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                          opt_state=abstract_opt)
+    self.abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+        self.state_shardings)
+
+  @property
+  def num_params(self) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.abstract_state.params)))
+
+  def init_state(self) -> TrainState:
+    """Initialises directly into the sharded layout (no full copy on one device)."""
+    def init(rng):
+      params = nn.unbox(self._init_params_boxed(rng))
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        opt_state=self.optimizer.tx.init(params))
+    with self.partitioner.context():
+      return jax.jit(init, out_shardings=self.state_shardings)(jax.random.PRNGKey(self.seed))
+
+  # --- steps --------------------------------------------------------------------
+  def _grads(self, params, batch, rng) -> Tuple[Any, Array, Dict[str, Array]]:
+    """Summed grads, loss sum and aux sums over the microbatches of `batch`."""
+    dropout = self.model.config.dropout_rate > 0.0
+
+    def one(mb, i):
+      key = jax.random.fold_in(rng, i) if dropout else None
+      (loss_sum, aux), grads = jax.value_and_grad(self.model.loss_fn, has_aux=True)(
+          params, mb, key)
+      grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+      return grads, loss_sum, aux
+
+    m = self.num_microbatches
+    if m == 1:
+      return one(batch, 0)
+    micro = jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), batch)
+    micro = jax.tree.map(lambda x: nn.with_logical_constraint(
+        x, (None, ax.BATCH) + (None,) * (x.ndim - 2)), micro)
+
+    def body(carry, xs):
+      mb, i = xs
+      out = one(mb, i)
+      return _sum_tree(carry, out), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: one(
+        jax.tree.map(lambda x: x[0], micro), 0)))
+    (grads, loss_sum, aux), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(m)))
+    return grads, loss_sum, aux
+
+  def train_step(self, state: TrainState, batch: Mapping[str, Array]) -> Tuple[TrainState, Metrics]:
+    """One optimizer step on a global batch. Pure: jit it, shard it, test it."""
+    rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), state.step)
+    grads, loss_sum, aux = self._grads(state.params, batch, rng)
+    denom = jnp.maximum(aux['weight_sum'], 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = self.optimizer.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        'loss': loss_sum / denom,
+        'z_loss': aux['z_loss_sum'] / denom,
+        'accuracy': aux['correct_sum'] / denom,
+        'grad_norm': optax.tree.norm(grads),
+        'learning_rate': jnp.asarray(self.optimizer.learning_rate(state.step), jnp.float32),
+        'target_tokens': aux['weight_sum'],
+    }
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  def eval_step(self, params, batch: Mapping[str, Array]) -> Metrics:
+    """Sums (not means) so batches can be added up before dividing."""
+    loss_sum, aux = self.model.loss_fn(params, batch, None)
+    return {'loss_sum': loss_sum, **aux}
+
+  @property
+  def jit_train_step(self):
+    if self._jit_train_step is None:
+      step = jax.jit(self.train_step,
+                     in_shardings=(self.state_shardings, self.batch_shardings),
+                     out_shardings=(self.state_shardings, self.partitioner.replicated()),
+                     donate_argnums=(0,))
+      self._jit_train_step = self._in_context(step)
+    return self._jit_train_step
+
+  @property
+  def jit_eval_step(self):
+    if self._jit_eval_step is None:
+      step = jax.jit(self.eval_step,
+                     in_shardings=(self.state_shardings.params, self.batch_shardings),
+                     out_shardings=self.partitioner.replicated())
+      self._jit_eval_step = self._in_context(step)
+    return self._jit_eval_step
+
+  def _in_context(self, fn):
+    @functools.wraps(fn)
+    def wrapped(*args):
+      with self.partitioner.context():
+        return fn(*args)
+    return wrapped
+
+  def shard_batch(self, local_batch: Mapping[str, np.ndarray]) -> Dict[str, Array]:
+    return self.partitioner.shard_batch(
+        {k: local_batch[k] for k in self._dummy}, self.batch_size)

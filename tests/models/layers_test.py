@@ -1,0 +1,115 @@
+"""Layers against direct formulas: RoPE, norms, MLPs, dense, losses."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from models import config as cfg
+from models import layers
+from models import losses
+
+
+def rope_direct(x, positions, rotary_dim, base=10_000.0):
+  """Rotation of complex pairs (x[i], x[i + half]) by angle pos * base^(-2i/rotary_dim)."""
+  x = np.asarray(x, np.float64)
+  out = x.copy()
+  half = rotary_dim // 2
+  for b in range(x.shape[0]):
+    for t in range(x.shape[1]):
+      for i in range(half):
+        theta = positions[b, t] * base ** (-2 * i / rotary_dim)
+        z = (x[b, t, :, i] + 1j * x[b, t, :, i + half]) * np.exp(1j * theta)
+        out[b, t, :, i], out[b, t, :, i + half] = z.real, z.imag
+  return out
+
+
+@pytest.mark.parametrize('fraction', [1.0, 0.25])
+def test_rope_matches_complex_rotation(fraction):
+  r = np.random.RandomState(0)
+  x = r.randn(2, 5, 3, 16).astype(np.float32)
+  pos = np.array([[0, 1, 2, 3, 4], [7, 0, 1, 30, 2]])
+  rot = int(16 * fraction)
+  got = layers.apply_rope(jnp.asarray(x), jnp.asarray(pos), rot)
+  np.testing.assert_allclose(got, rope_direct(x, pos, rot), rtol=1e-5, atol=1e-5)
+  # dims past the rotary fraction pass through untouched (GPT-NeoX)
+  np.testing.assert_array_equal(np.asarray(got)[..., rot:], x[..., rot:])
+
+
+def test_rope_scores_depend_on_offset_only():
+  r = np.random.RandomState(1)
+  q = r.randn(1, 1, 1, 8).astype(np.float32)
+  k = r.randn(1, 1, 1, 8).astype(np.float32)
+  def score(m, n):
+    qm = layers.apply_rope(q, jnp.array([[m]]), 8)
+    kn = layers.apply_rope(k, jnp.array([[n]]), 8)
+    return float(jnp.sum(qm * kn))
+  np.testing.assert_allclose(score(3, 1), score(12, 10), rtol=1e-4)
+
+
+def test_norms_match_formula():
+  x = np.random.RandomState(0).randn(2, 3, 8).astype(np.float32)
+  rms = layers.RMSNorm(epsilon=1e-6)
+  p = rms.init(jax.random.PRNGKey(0), x)
+  p = jax.tree.map(lambda a: a * 1.5, nn.unbox(p))
+  want = x / np.sqrt(np.mean(x ** 2, -1, keepdims=True) + 1e-6) * 1.5
+  np.testing.assert_allclose(rms.apply(p, x), want, rtol=1e-5)
+  ln = layers.LayerNorm(epsilon=1e-6)
+  p = nn.unbox(ln.init(jax.random.PRNGKey(0), x))
+  p = {'params': {'scale': p['params']['scale'] * 2.0, 'bias': p['params']['bias'] + 0.5}}
+  want = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6) * 2.0 + 0.5
+  np.testing.assert_allclose(ln.apply(p, x), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('kind', list(cfg.MlpKind))
+@pytest.mark.parametrize('use_bias', [False, True])
+def test_mlp_matches_formula(kind, use_bias):
+  x = np.random.RandomState(0).randn(2, 3, 8).astype(np.float32)
+  mlp = layers.MlpBlock(16, kind, use_bias=use_bias)
+  p = nn.unbox(mlp.init(jax.random.PRNGKey(0), x))['params']
+  if use_bias:  # non-zero biases, so that they are exercised
+    p = jax.tree_util.tree_map_with_path(
+        lambda path, a: a + 0.1 if path[-1].key == 'bias' else a, p)
+  def dense(name, h):
+    y = h @ np.asarray(p[name]['kernel'])
+    return y + np.asarray(p[name]['bias']) if use_bias else y
+  act = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu, 'swiglu': jax.nn.silu, 'geglu': jax.nn.gelu}[kind.value]
+  if kind.gated:
+    h = np.asarray(act(dense('wi_0', x))) * dense('wi_1', x)
+  else:
+    h = np.asarray(act(dense('wi', x)))
+  want = dense('wo', h)
+  np.testing.assert_allclose(mlp.apply({'params': p}, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_general_keeps_shape_and_fan_in():
+  x = jnp.ones((2, 3, 32))
+  d = layers.DenseGeneral((4, 8), ('embed', 'heads', 'head_dim'))
+  v = d.init(jax.random.PRNGKey(0), x)
+  k = v['params']['kernel']
+  assert isinstance(k, nn.LogicallyPartitioned) and k.names == ('embed', 'heads', 'head_dim')
+  assert k.value.shape == (32, 4, 8)
+  # fan-in is the contracted dim (32), not 32*4: std ~ 1/sqrt(32)
+  assert 0.1 < float(jnp.std(k.value)) < 0.25
+  out = layers.DenseGeneral((6,), ('heads', 'head_dim', 'embed'), axis=(-2, -1))
+  y = jnp.ones((2, 3, 4, 8))
+  assert out.apply(out.init(jax.random.PRNGKey(0), y), y).shape == (2, 3, 6)
+
+
+@pytest.mark.parametrize('smoothing', [0.0, 0.1])
+def test_cross_entropy_smoothing_and_z_loss(smoothing):
+  r = np.random.RandomState(0)
+  logits = r.randn(2, 5, 11).astype(np.float32) * 3
+  targets = r.randint(0, 11, size=(2, 5))
+  loss, z = losses.cross_entropy_with_logits(logits, targets, z_loss=1e-3, label_smoothing=smoothing)
+  onehot = np.eye(11)[targets]
+  soft = onehot * (1 - smoothing) + (1 - onehot) * smoothing / 10
+  ce = optax.softmax_cross_entropy(logits, soft)
+  if smoothing:
+    conf, low = 1 - smoothing, smoothing / 10
+    ce = ce + (conf * np.log(conf) + 10 * low * np.log(low))  # minus the target entropy
+  logz = jax.nn.logsumexp(logits, -1)
+  np.testing.assert_allclose(z, 1e-3 * logz ** 2, rtol=1e-5)
+  np.testing.assert_allclose(loss, ce + 1e-3 * logz ** 2, rtol=1e-5, atol=1e-6)
