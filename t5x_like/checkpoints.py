@@ -26,13 +26,17 @@ def _describe(path) -> str:
   return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
 
 
+def _handlers():
+  return {'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler()}
+
+
 def latest_step(model_dir: str) -> Optional[int]:
   """The newest complete checkpoint's step, without creating anything."""
   directory = checkpoint_dir(model_dir)
   if not os.path.isdir(directory):
     return None
   with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True, create=False), item_names=('state', 'data')) as manager:
+      read_only=True, create=False), item_handlers=_handlers()) as manager:
     return manager.latest_step()
 
 
@@ -46,7 +50,7 @@ def check_compatible(model_dir: str, abstract_state: Any) -> Optional[int]:
   if not os.path.isdir(directory):
     return None
   with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True, create=False), item_names=('state', 'data')) as manager:
+      read_only=True, create=False), item_handlers=_handlers()) as manager:
     step = manager.latest_step()
     if step is None:
       return None
@@ -90,7 +94,7 @@ class Checkpointer:
         max_to_keep=keep, keep_period=keep_period, create=True,
         cleanup_tmp_directories=True, enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=('state', 'data'))
+                                         item_handlers=_handlers())
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()

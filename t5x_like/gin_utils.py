@@ -1,6 +1,7 @@
 """Gin parsing for the entry points, with one-line errors that suggest a fix."""
 
 import difflib
+import glob
 import importlib
 import inspect
 import logging
@@ -58,6 +59,8 @@ def explain(error: Exception, paths: Sequence[str], bindings: Sequence[str]) -> 
   m = re.search(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'", msg)
   if m:
     selector, param = m.groups()
+    if not where and any(param in b for b in bindings):
+      where = ' (in a --gin. override)'
     hint = ''
     try:
       params = list(inspect.signature(_resolve(selector, aliases)).parameters)
@@ -120,6 +123,21 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
     raise GinError(explain(e, paths, bindings)) from None
   finally:
     root.setLevel(level)
+  missing = unset_required_macros()
+  if missing:
+    flags = ' '.join(f'--gin.{m}=...' for m in missing)
+    raise GinError(f'required gin macro{"s" if len(missing) > 1 else ""} {", ".join(missing)} '
+                   f'{"are" if len(missing) > 1 else "is"} not set: pass {flags} or bind '
+                   f'{"them" if len(missing) > 1 else "it"} in a gin file')
+
+
+def unset_required_macros() -> List[str]:
+  """Macros still bound to %gin.REQUIRED (gin itself only notices when one is used)."""
+  out = []
+  for (name, kind), values in gin.config._CONFIG.items():  # pylint: disable=protected-access
+    if kind == 'gin.macro' and str(values.get('value')) == '%gin.REQUIRED':
+      out.append(name)
+  return out
 
 
 def split_argv(argv: Sequence[str]) -> List[str]:
@@ -131,3 +149,16 @@ def split_argv(argv: Sequence[str]) -> List[str]:
       raise GinError(f'{a}: write gin overrides as --gin.KEY=value')
     out.append(f'{key} = {value}')
   return out
+
+
+def shipped_files(kind: str = 'models') -> List[str]:
+  """Shipped gin files under gin/<kind>/ (model files exclude the shared common.gin)."""
+  files = sorted(glob.glob(os.path.join(GIN_DIR, kind, '**', '*.gin'), recursive=True))
+  return [f for f in files if not f.endswith('common.gin')]
+
+
+def model_from_gin(gin_files: Sequence[str], bindings: Sequence[str] = ()):
+  """Parses gin files afresh and builds the `MODEL` macro they define."""
+  gin.clear_config()
+  parse(gin_files, bindings)
+  return gin.query_parameter('%MODEL').scoped_configurable_fn()

@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+import gin
 import jax
 import numpy as np
 
@@ -243,11 +244,12 @@ def train(*,
         state, metrics = trainer.jit_train_step(state, trainer.shard_batch(local))
         step += 1
         window_steps += 1
-        loss = float(jax.device_get(metrics['loss']))
-        if not math.isfinite(loss):
+        loss, grad_norm = (float(x) for x in jax.device_get((metrics['loss'], metrics['grad_norm'])))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
           raise TrainingError(
-              f'loss is {loss} at step {step}; stopping without saving this state (last '
-              f'checkpoint: step {last_saved}): lower the learning rate or check the data')
+              f'loss is {loss} (gradient norm {grad_norm}) at step {step}; stopping without '
+              f'saving this state (last checkpoint: step {last_saved}): lower the learning rate '
+              'or check the data')
         writer.scalars('step', step, {'loss': loss, 'batch_hash': digest})
         result['train_loss'] = loss
         if step % log_every == 0 or step == train_steps:
@@ -267,10 +269,11 @@ def train(*,
         if step % checkpoint_every == 0 or step == train_steps:
           ckpt.save(step, state, data.state())
           last_saved = step
-      if stop.requested and last_saved != step:
-        _print(f'SIGTERM: saving a checkpoint at step {step} and exiting')
-        ckpt.save(step, state, data.state())
-        last_saved = step
+      if stop.requested:
+        if last_saved != step:
+          ckpt.save(step, state, data.state())
+          last_saved = step
+        _print(f'SIGTERM: saved a checkpoint at step {step}; exiting')
       if eval_batches and step == train_steps and not stop.requested:
         result['eval'] = run_eval(step)
     finally:
@@ -303,29 +306,38 @@ def _parse_args(argv: Sequence[str]):
   return known, gin_flags
 
 
-def main(argv: Sequence[str]) -> Dict[str, Any]:
-  """Parses flags and gin, joins the job (multi-host) and calls train()."""
-  args, gin_flags = _parse_args(argv)
-  if args.coordinator_address or args.num_processes:
-    # Only affects CPU devices; lets CPU processes run cross-process collectives.
-    jax.config.update('jax_cpu_collectives_implementation', args.cpu_collectives)
-    jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                               num_processes=args.num_processes, process_id=args.process_id)
-  import gin  # pylint: disable=g-import-not-at-top
-  for p in args.gin_search_path:
-    gin.add_config_file_search_path(p)
-  if not args.gin_file:
+def run(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> Dict[str, Any]:
+  """Parses gin files and bindings afresh and calls train(): the Python/Colab entry.
+
+  Args:
+    gin_files: paths, or names relative to the shipped gin/ folder.
+    bindings: gin binding strings, e.g. "TRAIN_STEPS = 100".
+  """
+  if not gin_files:
     raise gin_utils.GinError('no --gin_file given: e.g. --gin_file=gin/runs/pretrain_default.gin')
-  bindings = gin_utils.split_argv(gin_flags)
-  gin_utils.parse(args.gin_file, bindings)
+  gin.clear_config()
+  gin_utils.parse(gin_files, bindings)
   try:
     return gin.get_configurable(train)(config_str=gin.config_str())
   except INPUT_ERRORS:
     raise
   except (ValueError, TypeError) as e:
     if 'gin' in str(e) or 'configurable' in str(e):
-      raise gin_utils.GinError(gin_utils.explain(e, args.gin_file, bindings)) from None
+      raise gin_utils.GinError(gin_utils.explain(e, gin_files, bindings)) from None
     raise
+
+
+def main(argv: Sequence[str]) -> Dict[str, Any]:
+  """Parses flags, joins the job (multi-host) and runs the gin-configured train()."""
+  args, gin_flags = _parse_args(argv)
+  if args.coordinator_address or args.num_processes:
+    # Only affects CPU devices; lets CPU processes run cross-process collectives.
+    jax.config.update('jax_cpu_collectives_implementation', args.cpu_collectives)
+    jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                               num_processes=args.num_processes, process_id=args.process_id)
+  for p in args.gin_search_path:
+    gin.add_config_file_search_path(p)
+  return run(args.gin_file, gin_utils.split_argv(gin_flags))
 
 
 def console_main(argv: Optional[Sequence[str]] = None) -> None:

@@ -9,6 +9,7 @@ vocabulary (e.g. the SentencePiece model `scripts/train_sentencepiece.py` makes)
 """
 
 import functools
+import logging
 from typing import Optional
 
 import seqio
@@ -19,6 +20,17 @@ from t5x_like.data import preprocessors as prep
 
 NUM_SENTINELS = 100
 DEFAULT_VOCABULARY = seqio.ByteVocabulary(extra_ids=NUM_SENTINELS)
+
+
+class _QuietUncachedWarning(logging.Filter):
+  """seqio warns that uncached function sources shuffle poorly on restarts; ours
+  shuffle whole documents with the run's seed, and resume by exact position."""
+
+  def filter(self, record):
+    return 'uncached FunctionDataset' not in record.getMessage()
+
+
+logging.getLogger('absl').addFilter(_QuietUncachedWarning())
 
 
 def _read_domain(split: str, shuffle_files: bool, seed: Optional[int] = None, *,

@@ -1,0 +1,155 @@
+"""Corpus, preprocessors and the resumable input pipeline."""
+
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+
+from models import model as model_lib
+from t5x_like.data import corpus
+from t5x_like.data import pipeline
+from t5x_like.data import preprocessors as prep
+from t5x_like.data import tasks
+
+import testing_utils as tu
+
+VOCAB = tasks.DEFAULT_VOCABULARY
+FEATURES = {'inputs': seqio.Feature(VOCAB), 'targets': seqio.Feature(VOCAB)}
+
+
+def _docs(n=200, seed=0):
+  r = np.random.RandomState(seed)
+  docs = [r.randint(3, 259, size=r.randint(1, 700)).astype(np.int32) for _ in range(n)]
+  ds = tf.data.Dataset.from_generator(lambda: ({'targets': d} for d in docs),
+                                      output_signature={'targets': tf.TensorSpec([None], tf.int32)})
+  return docs, ds
+
+
+def test_split_tokens_round_trip():
+  docs, ds = _docs()
+  pieces = [ex['targets'] for ex in prep.split_tokens(ds, 64).as_numpy_iterator()]
+  assert max(len(p) for p in pieces) == 64
+  np.testing.assert_array_equal(np.concatenate(pieces), np.concatenate(docs))
+
+
+def _reconstruct(inputs, targets, vocab_size):
+  first_sentinel = vocab_size - 100
+  spans, cur = {}, None
+  for t in targets:
+    if t >= first_sentinel:
+      cur = t
+      spans[cur] = []
+    else:
+      spans[cur].append(t)
+  out = []
+  for t in inputs:
+    out.extend(spans[t] if t >= first_sentinel else [t])
+  return out
+
+
+def test_span_corruption_reconstructs_and_matches_density():
+  docs, ds = _docs(n=300)
+  ds = prep.split_tokens(ds, 10_000)  # identity: keep whole documents for reference
+  originals = [d for d in docs]
+  with seqio.utils.map_seed_manager(42):
+    out = list(prep.span_corruption(ds, {'inputs': 128, 'targets': 32}, FEATURES,
+                                    noise_density=0.15, mean_noise_span_length=3.0).as_numpy_iterator())
+  tokens_length, _ = prep.random_spans_helper(128, 0.15, 3.0)
+  chunks = [c for d in originals for c in np.split(d, range(tokens_length, len(d), tokens_length))]
+  assert len(out) == len(chunks)
+  noise = total = spans = 0
+  for ex, chunk in zip(out, chunks):
+    assert _reconstruct(ex['inputs'], ex['targets'], VOCAB.vocab_size) == chunk.tolist()
+    n_spans = int(np.sum(ex['targets'] >= VOCAB.vocab_size - 100))
+    if len(chunk) == tokens_length:
+      noise += len(ex['targets']) - n_spans
+      spans += n_spans
+      total += len(chunk)
+  assert abs(noise / total - 0.15) / 0.15 < 0.02
+  assert abs(noise / spans - 3.0) / 3.0 < 0.05
+
+
+def test_span_corruption_needs_room_for_sentinels():
+  _, ds = _docs(n=2)
+  small = {'inputs': seqio.Feature(seqio.ByteVocabulary(extra_ids=2)),
+           'targets': seqio.Feature(seqio.ByteVocabulary(extra_ids=2))}
+  with pytest.raises(prep.ObjectiveError, match='needs .* sentinel ids but the vocabulary has 2'):
+    prep.span_corruption(ds, {'inputs': 512, 'targets': 128}, small)
+  with pytest.raises(prep.ObjectiveError, match='too short for span corruption'):
+    prep.random_spans_helper(2, 0.5, 3.0)
+
+
+def test_prefix_lm_splits_within_lengths():
+  docs, ds = _docs(n=50)
+  with seqio.utils.map_seed_manager(0):
+    out = list(prep.prefix_lm(ds, {'inputs': 20, 'targets': 30}).as_numpy_iterator())
+  for ex in out:
+    assert 1 <= len(ex['inputs']) <= 20 and 1 <= len(ex['targets']) <= 29
+  joined = np.concatenate([np.concatenate([e['inputs'], e['targets']]) for e in out])
+  # Every token of every multi-token chunk appears, in order.
+  assert len(joined) <= sum(len(d) for d in docs)
+
+
+def test_corpus_split_is_deterministic_and_disjoint():
+  manifest = corpus.build()
+  for domain in corpus.DOMAINS:
+    assert manifest[domain]['train']['documents'] > manifest[domain]['validation']['documents'] > 0
+  assert corpus.split_of('code:os.py') == corpus.split_of('code:os.py')
+  train = set(tf.data.TFRecordDataset(corpus.record_path('prose', 'train')).as_numpy_iterator())
+  val = set(tf.data.TFRecordDataset(corpus.record_path('prose', 'validation')).as_numpy_iterator())
+  assert not train & val
+
+
+def _model():
+  return model_lib.DecoderOnlyModel(tu.tiny_decoder(vocab_size=384))
+
+
+def _config(**kw):
+  return pipeline.DatasetConfig('stdlib_lm', {'targets': 32}, **{'batch_size': 4, 'seed': 7, **kw})
+
+
+def test_same_seed_same_batches_and_exact_resume():
+  model = _model()
+  a = pipeline.InputIterator(_config(), model)
+  first = [next(a) for _ in range(5)]
+  b = pipeline.InputIterator(_config(), model)
+  assert [pipeline.batch_hash(x) for x in first] == [pipeline.batch_hash(next(b)) for _ in range(5)]
+  resumed = pipeline.InputIterator(_config(), model)
+  resumed.restore({**a.state(), 'batches_consumed': 3})
+  assert pipeline.batch_hash(next(resumed)) == pipeline.batch_hash(first[3])
+  other = pipeline.InputIterator(_config(seed=8), model)
+  assert pipeline.batch_hash(next(other)) != pipeline.batch_hash(first[0])
+
+
+def test_host_rows_partition_the_global_batch():
+  model = _model()
+  full = next(pipeline.InputIterator(_config(), model))
+  halves = [next(pipeline.InputIterator(_config(), model, slice(i * 2, i * 2 + 2))) for i in range(2)]
+  for k in full:
+    np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), full[k])
+
+
+def test_restore_into_another_pipeline_is_an_error():
+  model = _model()
+  it = pipeline.InputIterator(_config(), model)
+  state = {**it.state(), 'seed': 1, 'batches_consumed': 2}
+  with pytest.raises(pipeline.DataError, match='seed: checkpoint 1 vs now 7'):
+    pipeline.InputIterator(_config(), model).restore(state)
+  fresh = pipeline.InputIterator(_config(), model)
+  fresh.restore(state, allow_changes=True)
+  assert fresh.batches_consumed == 0
+
+
+def test_bad_dataset_configs():
+  model = _model()
+  with pytest.raises(pipeline.DataError, match="unknown mixture or task 'stdlib_lmm': did you mean stdlib_lm"):
+    pipeline.validate(pipeline.DatasetConfig('stdlib_lmm', {'targets': 32}), model)
+  with pytest.raises(pipeline.DataError, match="needs a length for feature 'inputs'"):
+    pipeline.validate(pipeline.DatasetConfig('stdlib_prefix_lm', {'targets': 32}), model)
+  small = model_lib.DecoderOnlyModel(tu.tiny_decoder(vocab_size=256))
+  with pytest.raises(pipeline.DataError, match='359 ids but the model vocab_size is 256'):
+    pipeline.validate(_config(), small)
+  learned = model_lib.DecoderOnlyModel(tu.tiny_decoder(vocab_size=384, position_encoding='learned',
+                                                       max_length=16))
+  with pytest.raises(Exception, match='longer than DecoderConfig.max_length=16'):
+    pipeline.validate(_config(), learned)
