@@ -10,6 +10,7 @@ vocabulary (e.g. the SentencePiece model `scripts/train_sentencepiece.py` makes)
 
 import functools
 import logging
+import os
 from typing import Optional
 
 import seqio
@@ -89,3 +90,44 @@ def register_corpus_tasks(vocabulary: seqio.Vocabulary = DEFAULT_VOCABULARY,
 
 
 register_corpus_tasks()
+
+
+def train_sentencepiece(output: str, vocab_size: int = 8000,
+                        max_sentences: int = 300_000) -> seqio.SentencePieceVocabulary:
+  """Trains a unigram SentencePiece model on the corpus' train split.
+
+  ids: 0 pad, 1 eos, 2 unk (seqio's convention); byte fallback keeps every
+  character encodable. Returns the vocabulary with sentinel extra ids.
+  """
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  corpus.build()
+
+  def lines():
+    for domain in corpus.DOMAINS:
+      for text in tf.data.TFRecordDataset(corpus.record_path(domain, 'train')).as_numpy_iterator():
+        for line in text.decode('utf-8').splitlines():
+          if line.strip():
+            yield line
+
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  with open(output, 'wb') as f:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines(), model_writer=f, vocab_size=vocab_size, model_type='unigram',
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, byte_fallback=True,
+        input_sentence_size=max_sentences, shuffle_input_sentence=True, seed_sentencepiece_size=200_000,
+        character_coverage=1.0, split_digits=True, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, normalization_rule_name='identity', num_threads=2)
+  return seqio.SentencePieceVocabulary(output, extra_ids=NUM_SENTINELS)
+
+
+def sentencepiece_mixture(model_path: str, objective: str = 'lm',
+                          prefix: str = 'stdlib_sp') -> str:
+  """Registers the corpus tasks for a SentencePiece model; returns the mixture name.
+
+  For gin: `MIXTURE_OR_TASK_NAME = @tasks.sentencepiece_mixture()`.
+  """
+  if not os.path.exists(model_path):
+    raise FileNotFoundError(f'SentencePiece model {model_path} not found: make it with '
+                            f'python scripts/train_sentencepiece.py --output={model_path}')
+  register_corpus_tasks(seqio.SentencePieceVocabulary(model_path, extra_ids=NUM_SENTINELS), prefix)
+  return f'{prefix}_{objective}'

@@ -153,3 +153,19 @@ def test_bad_dataset_configs():
                                                        max_length=16))
   with pytest.raises(Exception, match='longer than DecoderConfig.max_length=16'):
     pipeline.validate(_config(), learned)
+
+
+def test_sentencepiece_vocabulary_trained_on_the_corpus(tmp_path):
+  path = str(tmp_path / 'sp.model')
+  vocab = tasks.train_sentencepiece(path, vocab_size=1000, max_sentences=20_000)
+  text = 'def main():\n    return os.path.join(a, b)  # ok'
+  assert vocab.decode(vocab.encode(text)) == text
+  assert vocab.vocab_size == 1000 + tasks.NUM_SENTINELS
+  name = tasks.sentencepiece_mixture(path, objective='span_corruption', prefix='sp_test')
+  model = model_lib.EncoderDecoderModel(tu.tiny_encdec(vocab_size=1152))
+  cfg = pipeline.DatasetConfig(name, {'inputs': 64, 'targets': 16}, batch_size=2)
+  pipeline.validate(cfg, model)
+  batch = next(pipeline.InputIterator(cfg, model))
+  assert batch['encoder_input_tokens'].max() < vocab.vocab_size
+  with pytest.raises(FileNotFoundError, match='train_sentencepiece.py'):
+    tasks.sentencepiece_mixture(str(tmp_path / 'missing.model'))
