@@ -1,6 +1,6 @@
 """Training throughput and model FLOPs utilisation of a LLaMA-style decoder.
 
-    python scripts/bench_train.py [--model=models/llama/20m.gin] [--batch=8 --length=512]
+    python scripts/bench_train.py [--model=models/llama/20m.gin] [--batch=16 --length=256]
                                   [--steps=10] [--dtype=float32] [--no-append]
 
 Measures, in one run: the train step's tokens/s on batches of the embedded corpus
@@ -44,8 +44,8 @@ def machine() -> str:
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--model', default='models/llama/20m.gin')
-  p.add_argument('--batch', type=int, default=8)
-  p.add_argument('--length', type=int, default=512)
+  p.add_argument('--batch', type=int, default=16)
+  p.add_argument('--length', type=int, default=256)
   p.add_argument('--steps', type=int, default=10)
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--dtype', default='float32')

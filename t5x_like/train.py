@@ -197,6 +197,11 @@ def train(*,
     peak_flops = utils.measured_matmul_peak(model.config.dtype) * jax.device_count()
 
   # --- from here on MODEL_DIR is written --------------------------------------------
+  if jax.process_count() > 1:
+    # Every process has finished its read-only checks before process 0 writes, so
+    # all of them take the same resume decision.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('t5x_like:checks_done')
   is_chief = jax.process_index() == 0
   if is_chief:
     os.makedirs(model_dir, exist_ok=True)

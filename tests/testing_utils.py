@@ -1,5 +1,9 @@
 """Tiny configs and helpers shared by the tests."""
 
+import json
+import os
+import sys
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -55,3 +59,43 @@ def init_params(model: model_lib.BaseModel, batch, seed: int = 0):
   """Unboxed parameters (initialised under jit: eager init is several times slower)."""
   init = jax.jit(lambda rng, b: nn.unbox(model.init_variables(rng, b)['params']))
   return init(jax.random.PRNGKey(seed), batch)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def step_records(model_dir):
+  """step -> (loss, batch hash) from MODEL_DIR/metrics.jsonl, the last record of
+  each step (a resumed run repeats the steps after its checkpoint); a line cut
+  short by SIGKILL is skipped."""
+  path = os.path.join(model_dir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return {}
+  out = {}
+  with open(path) as f:
+    for line in f:
+      try:
+        r = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if r['kind'] == 'step':
+        out[r['step']] = (r['loss'], r['batch_hash'])
+  return out
+
+
+def train_command(model_dir, steps, length=32, *extra):
+  """`python -m train` for the tiny LLaMA on the embedded corpus, batch 8."""
+  return [sys.executable, '-m', 'train', '--gin_file=models/llama/tiny.gin',
+          '--gin_file=runs/pretrain.gin', "--gin.MIXTURE_OR_TASK_NAME='stdlib_lm'",
+          f"--gin.TASK_FEATURE_LENGTHS={{'targets': {length}}}", f'--gin.TRAIN_STEPS={steps}',
+          f"--gin.MODEL_DIR='{model_dir}'", '--gin.BATCH_SIZE=8', '--gin.WARMUP_STEPS=2',
+          '--gin.train_lib.train.eval_split=None', '--gin.train_lib.train.peak_flops=1e11',
+          *extra]
+
+
+def subprocess_env(devices=None):
+  e = dict(os.environ)
+  e['PYTHONPATH'] = ROOT + os.pathsep + e.get('PYTHONPATH', '')
+  if devices is not None:
+    e['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  return e

@@ -1,6 +1,5 @@
 """End to end: train() from gin on the embedded corpus, checkpoints, resume, bad input."""
 
-import json
 import os
 
 import pytest
@@ -27,17 +26,6 @@ def bindings(model_dir, steps, *extra):
           # The schedule's length is fixed, so a run cut short at step 6 follows the same
           # learning rates as the full 9-step run it is compared with.
           'optimizers.warmup_cosine.decay_steps = 9', *extra]
-
-
-def step_losses(model_dir):
-  """step -> (loss, batch hash), the last record of each step (a resume repeats steps)."""
-  out = {}
-  with open(os.path.join(model_dir, 'metrics.jsonl')) as f:
-    for line in f:
-      r = json.loads(line)
-      if r['kind'] == 'step':
-        out[r['step']] = (r['loss'], r['batch_hash'])
-  return out
 
 
 def snapshot(path):
@@ -72,7 +60,7 @@ def test_resume_continues_bit_for_bit(full_run, tmp_path):
   train_lib.run(FILES, bindings(resumed, 6))  # stops at 6 with a checkpoint
   result = train_lib.run(FILES, bindings(resumed, 9))
   assert result['step'] == 9
-  assert step_losses(resumed) == step_losses(model_dir)
+  assert tu.step_records(resumed) == tu.step_records(model_dir)
 
 
 def test_restore_onto_another_mesh(full_run, tmp_path):
@@ -80,7 +68,7 @@ def test_restore_onto_another_mesh(full_run, tmp_path):
   other = str(tmp_path / 'other')
   train_lib.run(FILES, bindings(other, 6))  # mesh (8, 1, 1)
   train_lib.run(FILES, bindings(other, 9, 'MESH_SHAPE = (1, 2, 4)'))
-  want, got = step_losses(model_dir), step_losses(other)
+  want, got = tu.step_records(model_dir), tu.step_records(other)
   for step in (7, 8, 9):
     assert got[step][1] == want[step][1]  # the same batches
     assert got[step][0] == pytest.approx(want[step][0], rel=1e-5)
