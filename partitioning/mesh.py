@@ -16,7 +16,7 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int,
                        axis_names: Sequence[str] = ax.MESH_AXES) -> tuple:
   """Replaces a single -1 in `shape` by the number of devices left over."""
   shape = tuple(int(s) for s in shape)
-  where = 'partitioning.mesh.create_mesh.shape'
+  where = 'MESH_SHAPE (partitioning.mesh.create_mesh.shape)'
   if len(shape) != len(axis_names):
     raise MeshError(f'mesh shape {shape} has {len(shape)} entries but the mesh '
                     f'axes are {tuple(axis_names)}: set {where} to one size per axis')

@@ -363,4 +363,6 @@ def console_main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == '__main__':
-  console_main()
+  # Run through the imported module: gin binds `t5x_like.train.train`, not `__main__.train`.
+  from t5x_like import train as _train_module  # pylint: disable=g-import-self
+  _train_module.console_main()

@@ -79,10 +79,12 @@ def test_sigterm_saves_current_step_and_exits_zero(tmp_path):
   assert saved == max(tu.step_records(model_dir)) and 5 <= saved < STEPS
 
 
-def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
+@pytest.mark.parametrize('entry', ['train', 't5x_like.train'])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, entry):
   model_dir = str(tmp_path / 'bad')
-  done = subprocess.run(command(model_dir, '--gin.model_config.DecoderConfig.num_hedas=2'),
-                        cwd=tu.ROOT, env=tu.subprocess_env(), capture_output=True, text=True)
+  cmd = command(model_dir, '--gin.model_config.DecoderConfig.num_hedas=2')
+  cmd[2] = entry  # python -m train, or python -m t5x_like.train
+  done = subprocess.run(cmd, cwd=tu.ROOT, env=tu.subprocess_env(), capture_output=True, text=True)
   assert done.returncode == 2
   lines = [l for l in done.stderr.splitlines() if l.startswith('error:')]
   assert len(lines) == 1 and 'did you mean model_config.DecoderConfig.num_heads?' in lines[0]
