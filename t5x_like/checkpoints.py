@@ -55,9 +55,12 @@ def check_compatible(model_dir: str, abstract_state: Any) -> Optional[int]:
     if step is None:
       return None
     saved = manager.item_metadata(step)['state']
-  saved_flat = {_describe(p): tuple(getattr(m, 'shape', ())) for p, m in
+  def dtype(x):
+    d = getattr(x, 'dtype', None)
+    return None if d is None else str(d)
+  saved_flat = {_describe(p): (tuple(getattr(m, 'shape', ())), dtype(m)) for p, m in
                 jax.tree_util.tree_flatten_with_path(saved)[0]}
-  want_flat = {_describe(p): tuple(x.shape) for p, x in
+  want_flat = {_describe(p): (tuple(x.shape), dtype(x)) for p, x in
                jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
   fix = (f'point MODEL_DIR at a new directory, or use the model config that wrote '
          f'{directory}')
@@ -65,9 +68,13 @@ def check_compatible(model_dir: str, abstract_state: Any) -> Optional[int]:
     if name not in saved_flat:
       raise CheckpointError(f'checkpoint step {step} in {directory} has no {name!r} that the '
                             f'model needs: {fix}')
-    if saved_flat[name] != shape:
+    (saved_shape, saved_dtype), (want_shape, want_dtype) = saved_flat[name], shape
+    if saved_shape != want_shape:
       raise CheckpointError(f'checkpoint step {step} in {directory} has {name} of shape '
-                            f'{saved_flat[name]} but the model expects {shape}: {fix}')
+                            f'{saved_shape} but the model expects {want_shape}: {fix}')
+    if saved_dtype and want_dtype and saved_dtype != want_dtype:
+      raise CheckpointError(f'checkpoint step {step} in {directory} has {name} of dtype '
+                            f'{saved_dtype} but the model expects {want_dtype}: {fix}')
   extra = sorted(set(saved_flat) - set(want_flat))
   if extra:
     raise CheckpointError(f'checkpoint step {step} in {directory} has {extra[0]!r} that the '

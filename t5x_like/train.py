@@ -66,6 +66,16 @@ class _StopRequest:
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     self.requested = True
 
+  def agreed(self) -> bool:
+    """True when any process got SIGTERM. Every process must take the same branch:
+    saving is collective, and so is the next train step."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.int32(self.requested))
+    self.requested = bool(np.max(flags))
+    return self.requested
+
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
@@ -116,7 +126,8 @@ def evaluate(trainer: trainer_lib.Trainer, params, batches: List[Dict[str, np.nd
     total = m if total is None else jax.tree.map(lambda a, c: a + c, total, m)
   total = jax.device_get(total)
   w = max(float(total['weight_sum']), 1.0)
-  loss = float(total['loss_sum']) / w
+  # Cross-entropy only: the z-loss term is a regulariser, not part of the likelihood.
+  loss = (float(total['loss_sum']) - float(total['z_loss_sum'])) / w
   return {'loss': loss, 'accuracy': float(total['correct_sum']) / w,
           'perplexity': float(math.exp(min(loss, 50.0))), 'target_tokens': float(w)}
 
@@ -243,7 +254,7 @@ def train(*,
   step = start
   with _StopRequest() as stop:
     try:
-      while step < train_steps and not stop.requested:
+      while step < train_steps and not stop.agreed():
         local = next(data)
         digest = pipeline.batch_hash(local)
         state, metrics = trainer.jit_train_step(state, trainer.shard_batch(local))
@@ -274,7 +285,7 @@ def train(*,
         if step % checkpoint_every == 0 or step == train_steps:
           ckpt.save(step, state, data.state())
           last_saved = step
-      if stop.requested:
+      if stop.agreed():
         if last_saved != step:
           ckpt.save(step, state, data.state())
           last_saved = step

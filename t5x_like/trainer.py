@@ -153,6 +153,7 @@ class Trainer:
     metrics = {
         'loss': loss_sum / denom,
         'z_loss': aux['z_loss_sum'] / denom,
+        'cross_entropy': (loss_sum - aux['z_loss_sum']) / denom,
         'accuracy': aux['correct_sum'] / denom,
         'grad_norm': optax.tree.norm(grads),
         'learning_rate': jnp.asarray(self.optimizer.learning_rate(state.step), jnp.float32),

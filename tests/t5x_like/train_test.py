@@ -79,6 +79,8 @@ def test_incompatible_checkpoint_refuses_and_touches_nothing(full_run):
   before = snapshot(model_dir)
   with pytest.raises(checkpoints.CheckpointError, match='has .* of shape .* but the model expects'):
     train_lib.run(FILES, bindings(model_dir, 12, 'model_config.DecoderConfig.emb_dim = 48'))
+  with pytest.raises(checkpoints.CheckpointError, match='of dtype float32 but the model expects bfloat16'):
+    train_lib.run(FILES, bindings(model_dir, 12, "model_config.DecoderConfig.param_dtype = 'bfloat16'"))
   assert snapshot(model_dir) == before
 
 
