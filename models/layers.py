@@ -7,7 +7,7 @@ layers; `query/key/value/out` in attention; `wi`, `wi_0/wi_1`, `wo` in MLPs;
 
 import functools
 import math
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Sequence, Tuple
 
 import flax.linen as nn
 import jax

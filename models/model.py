@@ -7,7 +7,7 @@ seam DPO and reward models build on).
 """
 
 import abc
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax

@@ -10,7 +10,6 @@ With `scan_layers`, `layers` holds every parameter stacked on a leading
 """
 
 import functools
-import math
 from typing import Optional, Tuple
 
 import flax.linen as nn

@@ -7,9 +7,8 @@ compute the same update), then the optax update. `Trainer` builds the state's
 shardings from the model's logical axis names and jits the step with them.
 """
 
-import dataclasses
 import functools
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import flax
 import flax.linen as nn

@@ -11,7 +11,6 @@ Task's preprocessor list and configurable with gin (functools.partial):
 Sentinels are the vocabulary's last ids (`vocab_size - 1` is the first), as in T5.
 """
 
-import functools
 from typing import Mapping, Optional, Tuple
 
 import seqio

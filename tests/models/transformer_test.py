@@ -1,6 +1,5 @@
 """Model-level equivalences: scan == unrolled, packed == unpacked, GQA == MHA."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,13 +76,13 @@ def _pack_case(model, lengths, encdec):
   L = lengths['targets']
   Li = lengths.get('inputs', 0)
 
-  def rowify(items, length, shift):
+  def rowify(items, length):
     tok = np.zeros((len(items), length), np.int32)
     for r, s in enumerate(items):
       tok[r, :len(s)] = s
     return tok
 
-  unpacked = {'decoder_target_tokens': rowify(targets, L, False)}
+  unpacked = {'decoder_target_tokens': rowify(targets, L)}
   unpacked['decoder_input_tokens'] = np.zeros_like(unpacked['decoder_target_tokens'])
   unpacked['decoder_input_tokens'][:, 1:] = unpacked['decoder_target_tokens'][:, :-1]
   unpacked['decoder_loss_weights'] = (unpacked['decoder_target_tokens'] > 0).astype(np.int32)
@@ -100,7 +99,7 @@ def _pack_case(model, lengths, encdec):
     packed['decoder_positions'][0, o:o + n] = np.arange(n)
     o += n
   if encdec:
-    unpacked['encoder_input_tokens'] = rowify(inputs, Li, False)
+    unpacked['encoder_input_tokens'] = rowify(inputs, Li)
     packed['encoder_input_tokens'] = np.zeros((1, Li), np.int32)
     packed['encoder_segment_ids'] = np.zeros((1, Li), np.int32)
     packed['encoder_positions'] = np.zeros((1, Li), np.int32)

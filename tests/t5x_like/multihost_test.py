@@ -4,7 +4,6 @@ exactly like one process with the same devices."""
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
