@@ -75,13 +75,23 @@ class BaseModel(abc.ABC):
         logits, batch['decoder_target_tokens'], self.z_loss, self.label_smoothing)
     return loss, z, logits
 
-  def loss_fn(self, params, batch: Batch, dropout_rng=None) -> Tuple[Array, Dict[str, Array]]:
-    """Weighted loss *sum* and auxiliary sums; divide by aux['weight_sum']."""
+  def loss_fn(self, params, batch: Batch, dropout_rng=None,
+              token_groups: Optional[Mapping[str, Array]] = None) -> Tuple[Array, Dict[str, Array]]:
+    """Weighted loss *sum* and auxiliary sums; divide by aux['weight_sum'].
+
+    `token_groups` (name -> [batch, length] 0/1 mask over the targets) adds
+    each group's cross-entropy sum and weight sum to aux, as
+    `group_loss_sum/<name>` and `group_weight_sum/<name>`.
+    """
     loss, z, logits = self.per_token_loss(params, batch, dropout_rng)
     weights = batch['decoder_loss_weights'].astype(jnp.float32)
     correct = (jnp.argmax(logits, -1) == batch['decoder_target_tokens']).astype(jnp.float32)
     aux = {'weight_sum': jnp.sum(weights), 'z_loss_sum': jnp.sum(z * weights),
            'correct_sum': jnp.sum(correct * weights)}
+    for name, mask in (token_groups or {}).items():
+      w = weights * mask.astype(jnp.float32)
+      aux[f'group_loss_sum/{name}'] = jnp.sum((loss - z) * w)
+      aux[f'group_weight_sum/{name}'] = jnp.sum(w)
     return jnp.sum(loss * weights), aux
 
   def score_batch(self, params, batch: Batch) -> Array:

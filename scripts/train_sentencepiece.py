@@ -28,7 +28,7 @@ def main():
   args = p.parse_args()
   vocab = tasks.train_sentencepiece(args.output, args.vocab_size, args.max_sentences)
   print(f'wrote {args.output}: {vocab.vocab_size} ids ({args.vocab_size} pieces + '
-        f'{tasks.NUM_SENTINELS} sentinels); set the model vocab_size >= {vocab.vocab_size}')
+        f'{tasks.EXTRA_IDS} sentinels); set the model vocab_size >= {vocab.vocab_size}')
 
 
 if __name__ == '__main__':

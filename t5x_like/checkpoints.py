@@ -55,15 +55,14 @@ def check_compatible(model_dir: str, abstract_state: Any) -> Optional[int]:
     if step is None:
       return None
     saved = manager.item_metadata(step)['state']
-  def dtype(x):
-    d = getattr(x, 'dtype', None)
-    return None if d is None else str(d)
-  saved_flat = {_describe(p): (tuple(getattr(m, 'shape', ())), dtype(m)) for p, m in
-                jax.tree_util.tree_flatten_with_path(saved)[0]}
-  want_flat = {_describe(p): (tuple(x.shape), dtype(x)) for p, x in
-               jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+  saved_flat, want_flat = _flat_shapes(saved), _flat_shapes(abstract_state)
   fix = (f'point MODEL_DIR at a new directory, or use the model config that wrote '
          f'{directory}')
+  _compare(saved_flat, want_flat, step, directory, fix)
+  return step
+
+
+def _compare(saved_flat, want_flat, step, directory, fix):
   for name, shape in want_flat.items():
     if name not in saved_flat:
       raise CheckpointError(f'checkpoint step {step} in {directory} has no {name!r} that the '
@@ -79,7 +78,65 @@ def check_compatible(model_dir: str, abstract_state: Any) -> Optional[int]:
   if extra:
     raise CheckpointError(f'checkpoint step {step} in {directory} has {extra[0]!r} that the '
                           f'model does not: {fix}')
-  return step
+
+
+def _flat_shapes(tree) -> Dict[str, Tuple[tuple, Optional[str]]]:
+  def dtype(x):
+    d = getattr(x, 'dtype', None)
+    return None if d is None else str(d)
+  return {_describe(p): (tuple(getattr(x, 'shape', ())), dtype(x)) for p, x in
+          jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _resolve_initial(path: str) -> Tuple[str, int]:
+  """(checkpoints directory, step) for a MODEL_DIR, its checkpoints/ or one step's folder."""
+  path = os.path.abspath(path)
+  candidates = [(checkpoint_dir(path), None), (path, None)]
+  base = os.path.basename(path.rstrip('/'))
+  if base.isdigit():
+    candidates.append((os.path.dirname(path), int(base)))
+  for directory, step in candidates:
+    if not os.path.isdir(directory):
+      continue
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False), item_handlers=_handlers()) as manager:
+      steps = manager.all_steps()
+    if step is None and steps:
+      return directory, max(steps)
+    if step is not None and step in steps:
+      return directory, step
+  raise CheckpointError(f'no checkpoint found at {path}: set train.initial_checkpoint to a '
+                        'MODEL_DIR with checkpoints (or one of its checkpoints/<step> folders)')
+
+
+def check_initial_params(path: str, abstract_params: Any) -> Tuple[str, int]:
+  """Checks, read-only, that the parameters at `path` fit the model; returns (dir, step)."""
+  directory, step = _resolve_initial(path)
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      read_only=True, create=False), item_handlers=_handlers()) as manager:
+    saved = manager.item_metadata(step)['state']
+  try:
+    saved_params = saved['params']
+  except (KeyError, TypeError):
+    saved_params = None
+  if saved_params is None:
+    raise CheckpointError(f'checkpoint step {step} in {directory} has no params: point '
+                          'train.initial_checkpoint at a t5x_like MODEL_DIR')
+  fix = 'use the same model config as the run that wrote it (initial_checkpoint loads params only)'
+  _compare(_flat_shapes(saved_params), _flat_shapes(abstract_params), step, directory, fix)
+  return directory, step
+
+
+def restore_params(directory: str, step: int, abstract_params: Any) -> Any:
+  """Only the parameters of a checkpoint, onto `abstract_params`' shardings."""
+  item = {'params': abstract_params}
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      read_only=True, create=False), item_handlers={'state': ocp.PyTreeCheckpointHandler()}
+      ) as manager:
+    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)))
+  return out['state']['params']
 
 
 class Checkpointer:

@@ -33,6 +33,8 @@ from t5x_like import gin_utils
 from t5x_like import optimizers
 from t5x_like import trainer as trainer_lib
 from t5x_like import utils
+from t5x_like.data import denoisers
+from t5x_like.data import mixtures
 from t5x_like.data import pipeline
 from t5x_like.data import preprocessors
 
@@ -46,7 +48,7 @@ class TrainingError(RuntimeError):
 # Errors that mean "the inputs are wrong": reported as one line, exit code 2.
 INPUT_ERRORS = (gin_utils.GinError, model_config.ConfigError, mesh_lib.MeshError,
                 partitioner_lib.BatchError, pipeline.DataError, checkpoints.CheckpointError,
-                preprocessors.ObjectiveError)
+                preprocessors.ObjectiveError, mixtures.MixtureError)
 
 
 class _StopRequest:
@@ -128,8 +130,21 @@ def evaluate(trainer: trainer_lib.Trainer, params, batches: List[Dict[str, np.nd
   w = max(float(total['weight_sum']), 1.0)
   # Cross-entropy only: the z-loss term is a regulariser, not part of the likelihood.
   loss = (float(total['loss_sum']) - float(total['z_loss_sum'])) / w
-  return {'loss': loss, 'accuracy': float(total['correct_sum']) / w,
-          'perplexity': float(math.exp(min(loss, 50.0))), 'target_tokens': float(w)}
+  out = {'loss': loss, 'accuracy': float(total['correct_sum']) / w,
+         'perplexity': float(math.exp(min(loss, 50.0))), 'target_tokens': float(w)}
+  out.update(_finite(trainer_lib.group_metrics(total)))
+  return out
+
+
+def _finite(metrics) -> Dict[str, float]:
+  """Metrics as floats, without the per-group losses of groups absent from a batch."""
+  return {k: float(v) for k, v in metrics.items() if not k.startswith('loss/') or
+          math.isfinite(float(v))}
+
+
+def _group_summary(metrics: Dict[str, float]) -> str:
+  parts = [f'{k[5:]} {v:.3f}' for k, v in sorted(metrics.items()) if k.startswith('loss/')]
+  return f' | per family: {", ".join(parts)}' if parts else ''
 
 
 def train(*,
@@ -150,6 +165,7 @@ def train(*,
           keep_period: Optional[int] = None,
           async_checkpointing: bool = True,
           allow_data_changes: bool = False,
+          initial_checkpoint: Optional[str] = None,
           peak_flops: Optional[float] = None,
           tensorboard: bool = True,
           config_str: Optional[str] = None) -> Dict[str, Any]:
@@ -173,6 +189,9 @@ def train(*,
     keep_period: also keep checkpoints at multiples of this step.
     async_checkpointing: write checkpoints in the background.
     allow_data_changes: restore into a different data pipeline (restarts it).
+    initial_checkpoint: start from the parameters of another run (its MODEL_DIR
+      or one checkpoint folder) with a fresh optimizer and data pipeline, for
+      continued pretraining; ignored when MODEL_DIR has its own checkpoint.
     peak_flops: the MFU denominator; measured (f32/bf16 matmul) when None.
     tensorboard: write TensorBoard event files.
     config_str: the operative gin config to write as MODEL_DIR/config.gin.
@@ -185,13 +204,19 @@ def train(*,
   # --- checks: nothing is written before these pass ------------------------------
   pipeline.validate(train_dataset, model)
   shapes = pipeline.batch_shapes(train_dataset, model)
+  loss_groups = denoisers.loss_groups(train_dataset.mixture_or_task_name)
   trainer = trainer_lib.Trainer(model, optimizer, partitioner, shapes,
-                                num_microbatches=num_microbatches, seed=seed)
+                                num_microbatches=num_microbatches, seed=seed,
+                                loss_groups=loss_groups)
   eval_dataset = None
   if eval_split:
     eval_dataset = dataclasses.replace(train_dataset, split=eval_split, shuffle=False)
     pipeline.validate(eval_dataset, model)
   resume_step = checkpoints.check_compatible(model_dir, trainer.abstract_state)
+  initial = None
+  if initial_checkpoint and resume_step is None:
+    initial = checkpoints.check_initial_params(initial_checkpoint,
+                                               trainer.abstract_state.params)
 
   lengths = train_dataset.task_feature_lengths
   flops_per_step = train_dataset.batch_size * param_count.train_flops_per_example(
@@ -203,7 +228,8 @@ def train(*,
          f'{dict(partitioner.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} '
          f'devices, {jax.process_count()} process(es)')
   _print(f'data: {train_dataset.mixture_or_task_name} {dict(lengths)}, global batch '
-         f'{train_dataset.batch_size}, {tokens_per_step:,} tokens/step')
+         f'{train_dataset.batch_size}, {tokens_per_step:,} tokens/step' +
+         (f'; loss logged per denoiser family {", ".join(loss_groups)}' if loss_groups else ''))
   if peak_flops is None:
     peak_flops = utils.measured_matmul_peak(model.config.dtype) * jax.device_count()
 
@@ -231,6 +257,11 @@ def train(*,
            f'{data.batches_consumed} batches')
   else:
     state = trainer.init_state()
+    if initial is not None:
+      params = checkpoints.restore_params(*initial, trainer.abstract_state.params)
+      state = state.replace(params=params)
+      _print(f'initialised parameters from {initial[0]} step {initial[1]} (fresh optimizer '
+             'and data)')
   start = int(jax.device_get(state.step))
 
   eval_batches = None
@@ -242,7 +273,8 @@ def train(*,
     metrics = evaluate(trainer, state.params, eval_batches)
     writer.scalars('eval', step, metrics)
     _print(f'eval  step {step:>6} | loss {metrics["loss"]:.4f} | accuracy '
-           f'{metrics["accuracy"]:.4f} | perplexity {metrics["perplexity"]:.2f}')
+           f'{metrics["accuracy"]:.4f} | perplexity {metrics["perplexity"]:.2f}'
+           f'{_group_summary(metrics)}')
     return metrics
 
   result: Dict[str, Any] = {'step': start}
@@ -256,7 +288,7 @@ def train(*,
     try:
       while step < train_steps and not stop.agreed():
         local = next(data)
-        digest = pipeline.batch_hash(local)
+        digest = data.last_batch_hash
         state, metrics = trainer.jit_train_step(state, trainer.shard_batch(local))
         step += 1
         window_steps += 1
@@ -269,7 +301,7 @@ def train(*,
         writer.scalars('step', step, {'loss': loss, 'batch_hash': digest})
         result['train_loss'] = loss
         if step % log_every == 0 or step == train_steps:
-          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          m = _finite(jax.device_get(metrics))
           elapsed = time.perf_counter() - window_t
           steps_per_s = window_steps / max(elapsed, 1e-9)
           m.update(tokens_per_second=tokens_per_step * steps_per_s,
@@ -278,7 +310,7 @@ def train(*,
           eta = (train_steps - step) / max(steps_per_s, 1e-9)
           _print(f'train step {step:>6}/{train_steps} | loss {m["loss"]:.4f} | lr '
                  f'{m["learning_rate"]:.2e} | {m["tokens_per_second"]:,.0f} tok/s | MFU '
-                 f'{100 * m["mfu"]:.1f}% | ETA {utils.format_duration(eta)}')
+                 f'{100 * m["mfu"]:.1f}% | ETA {utils.format_duration(eta)}{_group_summary(m)}')
           window_t, window_steps = time.perf_counter(), 0
         if eval_batches and eval_every and step % eval_every == 0 and step != train_steps:
           run_eval(step)

@@ -8,7 +8,7 @@ shardings from the model's logical axis names and jits the step with them.
 """
 
 import functools
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax
 import flax.linen as nn
@@ -37,6 +37,56 @@ def _sum_tree(a, b):
   return jax.tree.map(jnp.add, a, b)
 
 
+def first_token_groups(batch: Mapping[str, Array], groups: Mapping[str, int]) -> Dict[str, Array]:
+  """Masks over the targets of the examples whose input starts with each group's token.
+
+  With UL2-style mode tokens this splits the loss by denoiser family. The
+  input is the encoder's (encoder-decoder) or the decoder's own sequence
+  (decoder-only: the prefix comes first); packed rows are split by segment.
+
+  Args:
+    batch: model features, packed (segment ids and positions) or not.
+    groups: name -> the token id that starts that group's inputs.
+
+  Returns:
+    name -> [batch, target length] float32 0/1 masks.
+  """
+  if 'encoder_input_tokens' in batch:
+    src = batch['encoder_input_tokens']
+    src_seg, src_pos = batch.get('encoder_segment_ids'), batch.get('encoder_positions')
+  else:
+    src = batch['decoder_target_tokens']
+    src_seg, src_pos = batch.get('decoder_segment_ids'), batch.get('decoder_positions')
+  tgt_seg = batch.get('decoder_segment_ids')
+  if src_pos is None:
+    first = jnp.broadcast_to(jnp.arange(src.shape[1]) == 0, src.shape)
+  else:
+    first = src_pos == 0
+  if src_seg is None or tgt_seg is None:
+    src_seg = jnp.ones(src.shape, jnp.int32)
+    tgt_seg = jnp.ones(batch['decoder_target_tokens'].shape, jnp.int32)
+  same_segment = tgt_seg[:, :, None] == src_seg[:, None, :]  # [batch, target len, input len]
+  out = {}
+  for name, token in groups.items():
+    start = jnp.logical_and(first, src == token)  # [batch, input len]
+    out[name] = jnp.any(jnp.logical_and(same_segment, start[:, None, :]), axis=-1).astype(
+        jnp.float32)
+  return out
+
+
+def group_metrics(aux: Mapping[str, Array]) -> Dict[str, Array]:
+  """`loss/<group>` (cross-entropy per target token) from summed aux values; NaN
+  for a group with no target tokens in the batch."""
+  out = {}
+  for key, value in aux.items():
+    if key.startswith('group_loss_sum/'):
+      name = key.split('/', 1)[1]
+      weight = aux[f'group_weight_sum/{name}']
+      # NaN when the batch has no example of the group (dropped from the logs).
+      out[f'loss/{name}'] = jnp.where(weight > 0, value / jnp.maximum(weight, 1.0), jnp.nan)
+  return out
+
+
 class Trainer:
   """Owns the model, optimizer and partitioner; compiles train and eval steps.
 
@@ -48,13 +98,16 @@ class Trainer:
       `pipeline.batch_shapes` or `model.feature_shapes`.
     num_microbatches: gradient accumulation steps per train step.
     seed: seeds parameter init and dropout (dropout key = fold_in(seed, step)).
+    loss_groups: name -> first input token (e.g. UL2 mode tokens): the loss of
+      each group's examples is reported as metric `loss/<name>`.
   """
 
   def __init__(self, model: model_lib.BaseModel, optimizer: optimizers.Optimizer,
                partitioner: partitioner_lib.Partitioner,
                batch_shapes: Mapping[str, Tuple[int, ...]], num_microbatches: int = 1,
-               seed: int = 0):
+               seed: int = 0, loss_groups: Optional[Mapping[str, int]] = None):
     self.model = model
+    self.loss_groups = dict(loss_groups or {})
     self.optimizer = optimizer
     self.partitioner = partitioner
     self.batch_shapes = {k: tuple(v) for k, v in batch_shapes.items()}
@@ -119,8 +172,9 @@ class Trainer:
 
     def one(mb, i):
       key = jax.random.fold_in(rng, i) if dropout else None
+      groups = first_token_groups(mb, self.loss_groups) if self.loss_groups else None
       (loss_sum, aux), grads = jax.value_and_grad(self.model.loss_fn, has_aux=True)(
-          params, mb, key)
+          params, mb, key, groups)
       grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
       return grads, loss_sum, aux
 
@@ -157,12 +211,14 @@ class Trainer:
         'grad_norm': optax.tree.norm(grads),
         'learning_rate': jnp.asarray(self.optimizer.learning_rate(state.step), jnp.float32),
         'target_tokens': aux['weight_sum'],
+        **group_metrics(aux),
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   def eval_step(self, params, batch: Mapping[str, Array]) -> Metrics:
     """Sums (not means) so batches can be added up before dividing."""
-    loss_sum, aux = self.model.loss_fn(params, batch, None)
+    groups = first_token_groups(batch, self.loss_groups) if self.loss_groups else None
+    loss_sum, aux = self.model.loss_fn(params, batch, None, groups)
     return {'loss_sum': loss_sum, **aux}
 
   @property

@@ -17,6 +17,7 @@ import seqio
 import tensorflow as tf
 
 from models import model as model_lib
+from t5x_like.data import mixtures
 from t5x_like.data import tasks  # pylint: disable=unused-import  (registers the corpus tasks)
 
 
@@ -100,10 +101,13 @@ def build_dataset(config: DatasetConfig, model: model_lib.BaseModel,
                   num_epochs: Optional[int] = None) -> tf.data.Dataset:
   """Global batches of model features (numpy-convertible), repeated forever by default."""
   converter = feature_converter(model, config.task_feature_lengths, config.pack)
-  ds = seqio.get_dataset(
-      config.mixture_or_task_name, task_feature_lengths=config.task_feature_lengths,
-      feature_converter=converter, dataset_split=config.split, use_cached=config.use_cached,
-      shuffle=config.shuffle, num_epochs=num_epochs, seed=config.seed, verbose=False)
+  # Not seqio.get_dataset: it caches small sources in memory after their
+  # document shuffle, which would freeze the document order across epochs.
+  ds = get_mixture_or_task(config.mixture_or_task_name).get_dataset(
+      sequence_length=config.task_feature_lengths, split=config.split,
+      use_cached=config.use_cached, shuffle=config.shuffle, num_epochs=num_epochs,
+      seed=config.seed, trim_output_features=True, try_in_mem_cache=False)
+  ds = converter(ds, config.task_feature_lengths)
   return ds.batch(config.batch_size, drop_remainder=True)
 
 
@@ -122,10 +126,21 @@ def batch_hash(batch: Mapping[str, np.ndarray]) -> str:
   return h.hexdigest()[:16]
 
 
+def fingerprint(config: DatasetConfig) -> Dict[str, Any]:
+  """What makes two pipelines the same stream: checked when an iterator is restored."""
+  return {'seed': config.seed, 'batch_size': config.batch_size,
+          'mixture_or_task_name': config.mixture_or_task_name,
+          'task_feature_lengths': dict(config.task_feature_lengths),
+          'mixture': {k: round(v, 9) for k, v in mixtures.describe(
+              config.mixture_or_task_name).items()}}
+
+
 class InputIterator:
   """Host-local batches with a checkpointable position.
 
   Yields dicts of numpy arrays holding rows `row_slice` of each global batch.
+  `last_batch_hash` is the digest of the whole global batch just served, the
+  same on every host and for any number of hosts.
   """
 
   def __init__(self, config: DatasetConfig, model: model_lib.BaseModel,
@@ -135,6 +150,7 @@ class InputIterator:
     self.row_slice = row_slice
     self.num_epochs = num_epochs
     self.batches_consumed = 0
+    self.last_batch_hash: Optional[str] = None
     self._it: Optional[Iterator] = None
 
   def _iterator(self) -> Iterator:
@@ -151,19 +167,21 @@ class InputIterator:
   def __next__(self) -> Dict[str, np.ndarray]:
     batch = next(self._iterator())
     self.batches_consumed += 1
+    self.last_batch_hash = batch_hash(batch)
     return {k: v[self.row_slice] for k, v in batch.items()}
 
   def state(self) -> Dict[str, Any]:
-    return {'batches_consumed': self.batches_consumed, 'seed': self.config.seed,
-            'batch_size': self.config.batch_size,
-            'mixture_or_task_name': self.config.mixture_or_task_name,
-            'task_feature_lengths': dict(self.config.task_feature_lengths)}
+    return {'batches_consumed': self.batches_consumed, **fingerprint(self.config)}
 
   def restore(self, state: Mapping[str, Any], allow_changes: bool = False) -> None:
-    """Continues after `state['batches_consumed']` batches of the same stream."""
+    """Continues after `state['batches_consumed']` batches of the same stream.
+
+    Raises `DataError` when the checkpoint's pipeline differs (seed, batch
+    size, mixture or its rates, lengths) unless `allow_changes`, which starts
+    this pipeline afresh instead.
+    """
     mine = self.state()
-    changed = [k for k in ('seed', 'batch_size', 'mixture_or_task_name', 'task_feature_lengths')
-               if k in state and state[k] != mine[k]]
+    changed = [k for k in mine if k != 'batches_consumed' and k in state and state[k] != mine[k]]
     if changed and not allow_changes:
       diffs = ', '.join(f'{k}: checkpoint {state[k]!r} vs now {mine[k]!r}' for k in changed)
       raise DataError(f'the checkpointed data iterator was for another pipeline ({diffs}): '

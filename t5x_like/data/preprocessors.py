@@ -7,11 +7,15 @@ Task's preprocessor list and configurable with gin (functools.partial):
   prefix_lm:         split each chunk at a random point into inputs/targets;
   span_corruption:   T5's objective (Raffel et al., 2020): noise spans replaced
                      by unique sentinels in the inputs; the targets list each
-                     sentinel followed by the span it replaced.
-Sentinels are the vocabulary's last ids (`vocab_size - 1` is the first), as in T5.
+                     sentinel followed by the span it replaced. Also UL2's R-
+                     and X-denoisers, with a mode token;
+  sequential_denoising: UL2's S-denoiser (prefix LM with a mode token).
+Sentinels are the vocabulary's last ids (`vocab_size - 1` is the first), as in T5;
+the three extra ids below them are the UL2 mode tokens (see MODE_TOKENS).
 """
 
-from typing import Mapping, Optional, Tuple
+import math
+from typing import Mapping, Optional
 
 import seqio
 import tensorflow as tf
@@ -76,50 +80,86 @@ def prefix_lm(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
   return split(dataset)
 
 
-def random_spans_helper(inputs_length: int, noise_density: float,
-                        mean_noise_span_length: float) -> Tuple[int, int]:
-  """(tokens_length, targets_length): the raw chunk length whose span-corrupted
-  inputs (with sentinels and EOS) fill `inputs_length`, and the targets length
-  that results (T5's calculation)."""
-  if not 0.0 < noise_density < 1.0:
-    raise ObjectiveError(f'noise_density={noise_density} must be in (0, 1)')
-  if mean_noise_span_length < 1.0:
-    raise ObjectiveError(f'mean_noise_span_length={mean_noise_span_length} must be >= 1')
+# --- denoising (T5 span corruption and the UL2 denoisers) -----------------------------
+#
+# Reserved ids. Every seqio vocabulary with E extra ids keeps its last E ids for
+# this module: the lowest three are the UL2 mode tokens and the rest are
+# sentinels, counted down from the last id as in T5:
+#   vocab_size - E + 0: [NLU]   (R-denoisers: regular span corruption)
+#   vocab_size - E + 1: [NLG]   (X-denoisers: extreme span corruption)
+#   vocab_size - E + 2: [S2S]   (S-denoiser: sequential, prefix-LM)
+#   vocab_size - 1, vocab_size - 2, ...: sentinels 0, 1, ... (E - 3 of them)
+MODE_TOKENS = ('[NLU]', '[NLG]', '[S2S]')
 
-  def lengths(tokens_length):
-    num_noise = int(round(tokens_length * noise_density))
-    num_nonnoise = tokens_length - num_noise
-    num_spans = max(1, int(round(num_noise / mean_noise_span_length)))
-    return num_nonnoise + num_spans + 1, num_noise + num_spans + 1
 
-  tokens_length = inputs_length - 1
-  while lengths(tokens_length + 1)[0] <= inputs_length:
-    tokens_length += 1
-  inputs, targets = lengths(tokens_length)
-  if tokens_length < 2 or inputs > inputs_length:
+def _extra_ids(vocabulary: seqio.Vocabulary) -> int:
+  return int(getattr(vocabulary, 'extra_ids', 0) or 0)
+
+
+def mode_token_id(vocabulary: seqio.Vocabulary, mode: str) -> int:
+  """The id reserved for a UL2 mode token ('[NLU]', '[NLG]' or '[S2S]')."""
+  if mode not in MODE_TOKENS:
+    raise ObjectiveError(f'unknown mode token {mode!r}: use one of {", ".join(MODE_TOKENS)}')
+  extra = _extra_ids(vocabulary)
+  if extra < len(MODE_TOKENS) + 1:
     raise ObjectiveError(
-        f'inputs length {inputs_length} is too short for span corruption with noise '
-        f'density {noise_density} and mean span {mean_noise_span_length}: raise the '
-        'inputs feature length')
-  return tokens_length, targets
+        f'the vocabulary has {extra} extra ids, no room for the {len(MODE_TOKENS)} mode tokens '
+        'and sentinels: build it with more extra_ids (e.g. seqio.ByteVocabulary(extra_ids=100))')
+  return vocabulary.vocab_size - extra + MODE_TOKENS.index(mode)
+
+
+def num_sentinels(vocabulary: seqio.Vocabulary) -> int:
+  """Sentinel ids available: the extra ids less the reserved mode tokens."""
+  return max(0, _extra_ids(vocabulary) - len(MODE_TOKENS))
+
+
+def concat_and_split(dataset: tf.data.Dataset, length: int, eos_id: int,
+                     documents_per_group: int = 32) -> tf.data.Dataset:
+  """Joins documents (each followed by EOS) in groups and cuts `length`-token chunks.
+
+  Nearly every chunk is full length, so the noise statistics of a denoiser do
+  not depend on document lengths; only the last chunk of each group is short.
+  """
+  ds = dataset.filter(lambda ex: tf.size(ex['targets']) > 0)
+  ds = ds.map(lambda ex: tf.concat([ex['targets'], tf.constant([eos_id], ex['targets'].dtype)], 0))
+  ds = ds.ragged_batch(documents_per_group)
+  ds = ds.map(lambda r: {'targets': r.flat_values})
+  return split_tokens(ds, length)
+
+
+def _stochastic_round(x: tf.Tensor, u: tf.Tensor) -> tf.Tensor:
+  """floor(x + u) with u ~ U[0, 1): an integer whose expectation is exactly x."""
+  return tf.cast(tf.floor(x + u), tf.int32)
 
 
 def random_spans_noise_mask(length: tf.Tensor, noise_density: float, seeds,
                             mean_noise_span_length: float) -> tf.Tensor:
-  """Boolean [length] mask with about `noise_density * length` noise tokens in
-  about `noise_tokens / mean_noise_span_length` spans; the first token is never
-  noise. Span lengths are random segmentations of the noise and non-noise counts.
+  """Boolean [length] mask of noise tokens, in spans; the first token is never noise.
+
+  The number of noise tokens and of spans are stochastically rounded, so that
+  over many chunks the noise density is `noise_density` and the mean span
+  length is `mean_noise_span_length` exactly in expectation (T5's rounding to
+  the nearest integer biases both, e.g. a mean span of 64 in 90 noise tokens
+  would always be one span of 90). Span lengths are uniformly random
+  segmentations of the noise and non-noise counts, as in T5.
+
+  Args:
+    length: the chunk length (>= 2 for any noise).
+    noise_density: the expected fraction of noise tokens.
+    seeds: three stateless seeds ([2] int tensors).
+    mean_noise_span_length: the expected noise tokens per span.
   """
   orig_length = length
   length = tf.maximum(length, 2)
-  num_noise = tf.cast(tf.round(tf.cast(length, tf.float32) * noise_density), tf.int32)
+  u = tf.random.stateless_uniform([2], seeds[2])
+  num_noise = _stochastic_round(tf.cast(length, tf.float32) * noise_density, u[0])
   num_noise = tf.clip_by_value(num_noise, 1, length - 1)
-  num_spans = tf.cast(tf.round(tf.cast(num_noise, tf.float32) / mean_noise_span_length), tf.int32)
-  num_spans = tf.maximum(num_spans, 1)
+  num_spans = _stochastic_round(tf.cast(num_noise, tf.float32) / mean_noise_span_length, u[1])
+  num_spans = tf.clip_by_value(num_spans, 1, tf.minimum(num_noise, length - num_noise))
   num_nonnoise = length - num_noise
 
   def segmentation(num_items, num_segments, seed):
-    # Choose num_segments-1 boundaries among num_items-1 gaps, uniformly.
+    # num_segments - 1 boundaries among the num_items - 1 gaps, uniformly.
     first = tf.concat([tf.ones([num_segments - 1], tf.int32),
                        tf.zeros([num_items - num_segments], tf.int32)], 0)
     first = tf.random.experimental.stateless_shuffle(first, seed)
@@ -147,40 +187,174 @@ def _spans_to_sentinels(tokens: tf.Tensor, mask: tf.Tensor, vocab_size: int) -> 
   return tf.boolean_mask(tokens, tf.logical_not(subsequent))
 
 
+def _ceil(x: float) -> int:
+  return int(math.ceil(x - 1e-9))
+
+
+def span_corruption_chunk_length(sequence_length: Mapping[str, int], noise_density: float,
+                                 mean_noise_span_length: float, max_sentinels: int,
+                                 prefix_tokens: int = 0) -> int:
+  """The longest raw chunk whose corrupted inputs and targets always fit.
+
+  Worst case over the stochastic rounding: inputs hold the non-noise tokens,
+  one sentinel per span, `prefix_tokens` (a mode token) and EOS; targets hold
+  the noise tokens, one sentinel per span and EOS; spans never exceed the
+  sentinels available. Raises `ObjectiveError` when the lengths are too short
+  for even one span of the mean length.
+  """
+  if not 0.0 < noise_density < 1.0:
+    raise ObjectiveError(f'noise_density={noise_density} must be in (0, 1)')
+  if mean_noise_span_length < 1.0:
+    raise ObjectiveError(f'mean_noise_span_length={mean_noise_span_length} must be >= 1')
+  li = sequence_length.get('inputs')
+  lt = sequence_length.get('targets')
+  if li is None or lt is None:
+    raise ObjectiveError(f'span corruption needs inputs and targets lengths, got '
+                         f'{dict(sequence_length)}: set TASK_FEATURE_LENGTHS')
+  r, mu = noise_density, mean_noise_span_length
+
+  def fits(n):
+    noise_hi = min(n - 1, _ceil(n * r))
+    noise_lo = max(1, int(math.floor(n * r)))
+    spans_hi = max(1, _ceil(noise_hi / mu))
+    return (n - noise_lo + spans_hi + prefix_tokens + 1 <= li and noise_hi + spans_hi + 1 <= lt
+            and spans_hi <= max_sentinels)
+
+  n = 1
+  while fits(n + 1):
+    n += 1
+  description = f'noise density {r} and mean span {mu}'
+  if max_sentinels < 1:
+    raise ObjectiveError(f'span corruption with {description} needs sentinel ids but the '
+                         'vocabulary has none left: use a vocabulary with more extra_ids')
+  if n * r < mu:
+    # Fewer noise tokens per chunk than one mean span: the span length could not be honoured.
+    need = _ceil(mu / r)
+    need_in = need - int(math.floor(need * r)) + 2 + prefix_tokens + 1
+    need_t = _ceil(need * r) + 2 + 1
+    raise ObjectiveError(
+        f'inputs {li} / targets {lt} are too short for span corruption with {description}: '
+        f'a chunk of {n} tokens (with {max_sentinels} sentinels) holds about {n * r:.0f} noise '
+        f'tokens, less than one span; raise the feature lengths to at least inputs {need_in} '
+        f'and targets {need_t}')
+  return n
+
+
+def _targets_vocabulary(output_features: Mapping[str, seqio.Feature]) -> seqio.Vocabulary:
+  return output_features['targets'].vocabulary
+
+
+def _prepend(mode_id: Optional[int], tokens: tf.Tensor) -> tf.Tensor:
+  if mode_id is None:
+    return tokens
+  return tf.concat([tf.constant([mode_id], tokens.dtype), tokens], 0)
+
+
 def span_corruption(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
                     output_features: Mapping[str, seqio.Feature],
                     noise_density: float = 0.15,
                     mean_noise_span_length: float = 3.0,
+                    mode: Optional[str] = None,
                     max_sentinels: Optional[int] = None) -> tf.data.Dataset:
-  """T5 span corruption of the `targets` token stream into inputs/targets.
+  """Span corruption (T5; UL2's R- and X-denoisers) of a tokenized document stream.
+
+  Documents are joined and cut into chunks sized so that the corrupted inputs
+  and targets fit `sequence_length` (`span_corruption_chunk_length`). In each
+  chunk, noise spans are replaced in the inputs by unique sentinels; the
+  targets list each sentinel followed by the span it replaced. Substituting
+  the targets back for the sentinels gives the chunk exactly.
 
   Args:
     dataset: examples with tokenized `targets` (whole documents).
-    sequence_length: task feature lengths; `inputs` sets the chunk size.
+    sequence_length: task feature lengths (`inputs` and `targets`).
     output_features: the task's features; the `targets` vocabulary supplies
-      sentinels from its extra ids.
-    noise_density: fraction of tokens corrupted.
-    mean_noise_span_length: average corrupted span length.
-    max_sentinels: sentinel ids available (default: the vocabulary's extra ids).
+      the sentinels and mode tokens from its extra ids.
+    noise_density: the fraction of tokens corrupted (UL2's r).
+    mean_noise_span_length: the mean corrupted span length (UL2's mu).
+    mode: a UL2 mode token to prepend to the inputs ('[NLU]', '[NLG]'), or None (T5).
+    max_sentinels: at most this many spans per chunk (default: all sentinels).
   """
-  vocab = output_features['targets'].vocabulary
-  tokens_length, _ = random_spans_helper(sequence_length['inputs'], noise_density,
-                                         mean_noise_span_length)
-  available = max_sentinels if max_sentinels is not None else getattr(vocab, 'extra_ids', 0)
-  spans = max(1, int(round(round(tokens_length * noise_density) / mean_noise_span_length)))
-  if spans > available:
-    raise ObjectiveError(
-        f'span corruption of {tokens_length}-token chunks needs {spans} sentinel ids but '
-        f'the vocabulary has {available} extra ids: use a vocabulary with more extra_ids')
+  vocab = _targets_vocabulary(output_features)
+  mode_id = mode_token_id(vocab, mode) if mode is not None else None
+  available = num_sentinels(vocab)
+  if max_sentinels is not None:
+    available = min(available, max_sentinels)
+  n = span_corruption_chunk_length(sequence_length, noise_density, mean_noise_span_length,
+                                   available, prefix_tokens=int(mode_id is not None))
   vocab_size = vocab.vocab_size
-  dataset = split_tokens(dataset, tokens_length)
+  dataset = concat_and_split(dataset, n, vocab.eos_id)
 
-  @seqio.map_over_dataset(num_seeds=2)
+  @seqio.map_over_dataset(num_seeds=3)
   def corrupt(ex, seeds):
     tokens = ex['targets']
-    mask = random_spans_noise_mask(tf.size(tokens), noise_density, seeds,
-                                   mean_noise_span_length)
-    return {'inputs': _spans_to_sentinels(tokens, mask, vocab_size),
+    mask = random_spans_noise_mask(tf.size(tokens), noise_density, seeds, mean_noise_span_length)
+    return {'inputs': _prepend(mode_id, _spans_to_sentinels(tokens, mask, vocab_size)),
             'targets': _spans_to_sentinels(tokens, tf.logical_not(mask), vocab_size)}
 
   return corrupt(dataset)
+
+
+def sequential_chunk_length(sequence_length: Mapping[str, int], noise_density: float,
+                            prefix_tokens: int = 0) -> int:
+  """The longest chunk whose S-denoising inputs and targets always fit."""
+  if not 0.0 < noise_density < 1.0:
+    raise ObjectiveError(f'noise_density={noise_density} must be in (0, 1)')
+  li, lt = sequence_length.get('inputs'), sequence_length.get('targets')
+  if li is None or lt is None:
+    raise ObjectiveError(f'S-denoising needs inputs and targets lengths, got '
+                         f'{dict(sequence_length)}: set TASK_FEATURE_LENGTHS')
+
+  def fits(n):
+    m = n * noise_density
+    w = min(m, n - m)
+    t_lo = max(1, int(math.floor(m - w)))
+    t_hi = min(n - 1, _ceil(m + w))
+    return n - t_lo + prefix_tokens + 1 <= li and t_hi + 1 <= lt
+
+  n = 1
+  while fits(n + 1):
+    n += 1
+  if n < 2:
+    raise ObjectiveError(f'inputs {li} / targets {lt} are too short for S-denoising: raise '
+                         'the feature lengths')
+  return n
+
+
+def sequential_denoising(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
+                         output_features: Mapping[str, seqio.Feature],
+                         noise_density: float = 0.25,
+                         mode: Optional[str] = '[S2S]') -> tf.data.Dataset:
+  """UL2's S-denoiser: each chunk split into a prefix (inputs) and its continuation.
+
+  The continuation's length is uniform around `noise_density` x the chunk
+  length (from 0 to twice that, or symmetric about it when above one half),
+  stochastically rounded, so that the expected fraction of target tokens is
+  `noise_density`. A decoder-only model attends to the inputs bidirectionally
+  (seqio's prefix-LM feature converter) and is trained on the targets.
+
+  Args:
+    dataset: examples with tokenized `targets` (whole documents).
+    sequence_length: task feature lengths (`inputs` and `targets`).
+    output_features: the task's features (their vocabulary has the mode token).
+    noise_density: the expected fraction of each chunk in the targets.
+    mode: the mode token to prepend to the inputs, or None.
+  """
+  vocab = _targets_vocabulary(output_features)
+  mode_id = mode_token_id(vocab, mode) if mode is not None else None
+  n = sequential_chunk_length(sequence_length, noise_density, int(mode_id is not None))
+  dataset = concat_and_split(dataset, n, vocab.eos_id)
+
+  @seqio.map_over_dataset(num_seeds=1)
+  def split(ex, seed):
+    tokens = ex['targets']
+    length = tf.size(tokens)
+    lf = tf.cast(length, tf.float32)
+    m = lf * noise_density
+    w = tf.minimum(m, lf - m)
+    u = tf.random.stateless_uniform([2], seed)
+    t = _stochastic_round(m + (2.0 * u[0] - 1.0) * w, u[1])
+    t = tf.clip_by_value(t, 1, tf.maximum(length - 1, 1))
+    cut = length - t
+    return {'inputs': _prepend(mode_id, tokens[:cut]), 'targets': tokens[cut:]}
+
+  return split(dataset)

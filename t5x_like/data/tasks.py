@@ -1,9 +1,15 @@
 """seqio Tasks and Mixtures over the embedded corpus.
 
-Registered on import (vocabulary: bytes, with 100 sentinel extra ids):
+Registered on import (vocabulary: bytes with 100 extra ids: 3 UL2 mode tokens
+and 97 sentinels, see preprocessors.MODE_TOKENS):
   stdlib_{code,prose}_lm,             mixture stdlib_lm             (causal LM)
   stdlib_{code,prose}_prefix_lm,      mixture stdlib_prefix_lm      (prefix LM)
   stdlib_{code,prose}_span_corruption, mixture stdlib_span_corruption (T5)
+  the same three objectives mixed by characters ({mixture}_by_characters) and
+  temperature-scaled with mT5's alpha = 0.3 ({mixture}_temperature);
+  stdlib_ul2:  UL2's seven denoisers over both domains (denoisers.UL2);
+  stdlib_ul2r: U-PaLM's UL2R mixture for continuing a causal decoder.
+The domain mixtures use equal rates.
 `register_corpus_tasks(vocabulary, prefix)` registers the same set for another
 vocabulary (e.g. the SentencePiece model `scripts/train_sentencepiece.py` makes).
 """
@@ -11,16 +17,19 @@ vocabulary (e.g. the SentencePiece model `scripts/train_sentencepiece.py` makes)
 import functools
 import logging
 import os
-from typing import Optional
+from typing import Sequence
 
 import seqio
 import tensorflow as tf
 
 from t5x_like.data import corpus
+from t5x_like.data import denoisers
+from t5x_like.data import mixtures
 from t5x_like.data import preprocessors as prep
+from t5x_like.data import sources
 
-NUM_SENTINELS = 100
-DEFAULT_VOCABULARY = seqio.ByteVocabulary(extra_ids=NUM_SENTINELS)
+EXTRA_IDS = 100
+DEFAULT_VOCABULARY = seqio.ByteVocabulary(extra_ids=EXTRA_IDS)
 
 
 class _QuietUncachedWarning(logging.Filter):
@@ -34,59 +43,65 @@ class _QuietUncachedWarning(logging.Filter):
 logging.getLogger('absl').addFilter(_QuietUncachedWarning())
 
 
-def _read_domain(split: str, shuffle_files: bool, seed: Optional[int] = None, *,
-                 domain: str) -> tf.data.Dataset:
-  manifest = corpus.build()
-  ds = tf.data.TFRecordDataset(corpus.record_path(domain, split))
-  if shuffle_files:
-    # Shuffle whole documents, deterministically for a given seed.
-    ds = ds.shuffle(manifest[domain][split]['documents'], seed=seed,
-                    reshuffle_each_iteration=True)
-  return ds.map(lambda text: {'text': text}, num_parallel_calls=tf.data.AUTOTUNE)
-
-
 def corpus_source(domain: str) -> seqio.DataSource:
-  return seqio.FunctionDataSource(functools.partial(_read_domain, domain=domain),
-                                  splits=corpus.SPLITS)
+  """One domain of the embedded corpus: whole documents, shuffled with the seed."""
+  return sources.embedded_corpus(domain)
 
 
-def _register_task(name, source, preprocessors, output_features):
-  if name in seqio.TaskRegistry.names():
-    seqio.TaskRegistry.remove(name)
-  seqio.TaskRegistry.add(name, source=source, preprocessors=preprocessors,
-                         output_features=output_features, metric_fns=[])
+OBJECTIVES = ('lm', 'prefix_lm', 'span_corruption')
 
 
-def _register_mixture(name, tasks, rate=1.0):
-  if name in seqio.MixtureRegistry.names():
-    seqio.MixtureRegistry.remove(name)
-  seqio.MixtureRegistry.add(name, [(t, rate) for t in tasks])
+def objective_spec(objective: str, vocabulary: seqio.Vocabulary):
+  """(preprocessors, output features) of a single-objective text task."""
+  rekey = functools.partial(seqio.preprocessors.rekey, key_map={'targets': 'text'})
+  tokenize = seqio.preprocessors.tokenize
+  if objective == 'lm':
+    return ([rekey, tokenize, seqio.preprocessors.append_eos,
+             prep.split_tokens_to_targets_length],
+            {'targets': seqio.Feature(vocabulary, add_eos=True)})
+  if objective == 'prefix_lm':
+    return ([rekey, tokenize, prep.prefix_lm, seqio.preprocessors.append_eos],
+            {'inputs': seqio.Feature(vocabulary, add_eos=False),
+             'targets': seqio.Feature(vocabulary, add_eos=True)})
+  if objective == 'span_corruption':
+    return ([rekey, tokenize, prep.span_corruption, seqio.preprocessors.append_eos_after_trim],
+            {'inputs': seqio.Feature(vocabulary, add_eos=True),
+             'targets': seqio.Feature(vocabulary, add_eos=True)})
+  raise prep.ObjectiveError(f'unknown objective {objective!r}: use one of {", ".join(OBJECTIVES)}'
+                            ' (or register_denoising_mixture for UL2)')
+
+
+def register_task(name: str, source: seqio.DataSource, objective: str = 'lm',
+                  vocabulary: seqio.Vocabulary = DEFAULT_VOCABULARY,
+                  preprocessors: Sequence = ()) -> str:
+  """Registers a text task over any source; returns its name (for gin).
+
+  Args:
+    name: the task name.
+    source: a seqio DataSource yielding {'text': string} (see `sources`).
+    objective: 'lm', 'prefix_lm' or 'span_corruption'.
+    vocabulary: the tokenizer.
+    preprocessors: extra preprocessors run on the raw text first (e.g. the
+      quality or importance filters of `selection`).
+  """
+  steps, features = objective_spec(objective, vocabulary)
+  denoisers.register_task(name, source, list(preprocessors) + steps, features)
+  return name
 
 
 def register_corpus_tasks(vocabulary: seqio.Vocabulary = DEFAULT_VOCABULARY,
                           prefix: str = 'stdlib') -> None:
-  """Registers the LM, prefix-LM and span-corruption tasks for `vocabulary`."""
-  lm_features = {'targets': seqio.Feature(vocabulary, add_eos=True)}
-  seq2seq_features = {'inputs': seqio.Feature(vocabulary, add_eos=True),
-                      'targets': seqio.Feature(vocabulary, add_eos=True)}
-  prefix_features = {'inputs': seqio.Feature(vocabulary, add_eos=False),
-                     'targets': seqio.Feature(vocabulary, add_eos=True)}
-  rekey = functools.partial(seqio.preprocessors.rekey, key_map={'targets': 'text'})
-  objectives = {
-      'lm': ([rekey, seqio.preprocessors.tokenize, seqio.preprocessors.append_eos,
-              prep.split_tokens_to_targets_length], lm_features),
-      'prefix_lm': ([rekey, seqio.preprocessors.tokenize, prep.prefix_lm,
-                     seqio.preprocessors.append_eos], prefix_features),
-      'span_corruption': ([rekey, seqio.preprocessors.tokenize, prep.span_corruption,
-                           seqio.preprocessors.append_eos_after_trim], seq2seq_features),
-  }
-  for objective, (preprocessors, features) in objectives.items():
-    names = []
-    for domain in corpus.DOMAINS:
-      name = f'{prefix}_{domain}_{objective}'
-      _register_task(name, corpus_source(domain), preprocessors, features)
-      names.append(name)
-    _register_mixture(f'{prefix}_{objective}', names)
+  """Registers the corpus tasks and mixtures listed above for `vocabulary`."""
+  for objective in OBJECTIVES:
+    names = [register_task(f'{prefix}_{domain}_{objective}', corpus_source(domain), objective,
+                           vocabulary) for domain in corpus.DOMAINS]
+    mixtures.register_mixture(f'{prefix}_{objective}', names)
+    mixtures.register_lazy_mixture(f'{prefix}_{objective}_by_characters', names, 'characters')
+    mixtures.register_lazy_mixture(f'{prefix}_{objective}_temperature', names, 'characters',
+                                   temperature=1 / 0.3)
+  domains = {d: corpus_source(d) for d in corpus.DOMAINS}
+  denoisers.register_denoising_mixture(f'{prefix}_ul2', domains, denoisers.UL2, vocabulary)
+  denoisers.register_denoising_mixture(f'{prefix}_ul2r', domains, denoisers.UL2R, vocabulary)
 
 
 register_corpus_tasks()
@@ -117,7 +132,7 @@ def train_sentencepiece(output: str, vocab_size: int = 8000,
         input_sentence_size=max_sentences, shuffle_input_sentence=True, seed_sentencepiece_size=200_000,
         character_coverage=1.0, split_digits=True, allow_whitespace_only_pieces=True,
         remove_extra_whitespaces=False, normalization_rule_name='identity', num_threads=2)
-  return seqio.SentencePieceVocabulary(output, extra_ids=NUM_SENTINELS)
+  return seqio.SentencePieceVocabulary(output, extra_ids=EXTRA_IDS)
 
 
 def sentencepiece_mixture(model_path: str, objective: str = 'lm',
@@ -129,5 +144,5 @@ def sentencepiece_mixture(model_path: str, objective: str = 'lm',
   if not os.path.exists(model_path):
     raise FileNotFoundError(f'SentencePiece model {model_path} not found: make it with '
                             f'python scripts/train_sentencepiece.py --output={model_path}')
-  register_corpus_tasks(seqio.SentencePieceVocabulary(model_path, extra_ids=NUM_SENTINELS), prefix)
+  register_corpus_tasks(seqio.SentencePieceVocabulary(model_path, extra_ids=EXTRA_IDS), prefix)
   return f'{prefix}_{objective}'

@@ -32,53 +32,6 @@ def test_split_tokens_round_trip():
   np.testing.assert_array_equal(np.concatenate(pieces), np.concatenate(docs))
 
 
-def _reconstruct(inputs, targets, vocab_size):
-  first_sentinel = vocab_size - 100
-  spans, cur = {}, None
-  for t in targets:
-    if t >= first_sentinel:
-      cur = t
-      spans[cur] = []
-    else:
-      spans[cur].append(t)
-  out = []
-  for t in inputs:
-    out.extend(spans[t] if t >= first_sentinel else [t])
-  return out
-
-
-def test_span_corruption_reconstructs_and_matches_density():
-  docs, ds = _docs(n=300)
-  ds = prep.split_tokens(ds, 10_000)  # identity: keep whole documents for reference
-  originals = [d for d in docs]
-  with seqio.utils.map_seed_manager(42):
-    out = list(prep.span_corruption(ds, {'inputs': 128, 'targets': 32}, FEATURES,
-                                    noise_density=0.15, mean_noise_span_length=3.0).as_numpy_iterator())
-  tokens_length, _ = prep.random_spans_helper(128, 0.15, 3.0)
-  chunks = [c for d in originals for c in np.split(d, range(tokens_length, len(d), tokens_length))]
-  assert len(out) == len(chunks)
-  noise = total = spans = 0
-  for ex, chunk in zip(out, chunks):
-    assert _reconstruct(ex['inputs'], ex['targets'], VOCAB.vocab_size) == chunk.tolist()
-    n_spans = int(np.sum(ex['targets'] >= VOCAB.vocab_size - 100))
-    if len(chunk) == tokens_length:
-      noise += len(ex['targets']) - n_spans
-      spans += n_spans
-      total += len(chunk)
-  assert abs(noise / total - 0.15) / 0.15 < 0.02
-  assert abs(noise / spans - 3.0) / 3.0 < 0.05
-
-
-def test_span_corruption_needs_room_for_sentinels():
-  _, ds = _docs(n=2)
-  small = {'inputs': seqio.Feature(seqio.ByteVocabulary(extra_ids=2)),
-           'targets': seqio.Feature(seqio.ByteVocabulary(extra_ids=2))}
-  with pytest.raises(prep.ObjectiveError, match='needs .* sentinel ids but the vocabulary has 2'):
-    prep.span_corruption(ds, {'inputs': 512, 'targets': 128}, small)
-  with pytest.raises(prep.ObjectiveError, match='too short for span corruption'):
-    prep.random_spans_helper(2, 0.5, 3.0)
-
-
 def test_prefix_lm_splits_within_lengths():
   docs, ds = _docs(n=50)
   with seqio.utils.map_seed_manager(0):
@@ -160,7 +113,7 @@ def test_sentencepiece_vocabulary_trained_on_the_corpus(tmp_path):
   vocab = tasks.train_sentencepiece(path, vocab_size=1000, max_sentences=20_000)
   text = 'def main():\n    return os.path.join(a, b)  # ok'
   assert vocab.decode(vocab.encode(text)) == text
-  assert vocab.vocab_size == 1000 + tasks.NUM_SENTINELS
+  assert vocab.vocab_size == 1000 + tasks.EXTRA_IDS
   name = tasks.sentencepiece_mixture(path, objective='span_corruption', prefix='sp_test')
   model = model_lib.EncoderDecoderModel(tu.tiny_encdec(vocab_size=1152))
   cfg = pipeline.DatasetConfig(name, {'inputs': 64, 'targets': 16}, batch_size=2)
