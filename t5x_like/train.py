@@ -37,6 +37,8 @@ from t5x_like.data import denoisers
 from t5x_like.data import mixtures
 from t5x_like.data import pipeline
 from t5x_like.data import preprocessors
+from t5x_like.data import selection
+from t5x_like.data import sources
 
 logger = logging.getLogger('t5x_like')
 
@@ -48,7 +50,8 @@ class TrainingError(RuntimeError):
 # Errors that mean "the inputs are wrong": reported as one line, exit code 2.
 INPUT_ERRORS = (gin_utils.GinError, model_config.ConfigError, mesh_lib.MeshError,
                 partitioner_lib.BatchError, pipeline.DataError, checkpoints.CheckpointError,
-                preprocessors.ObjectiveError, mixtures.MixtureError)
+                preprocessors.ObjectiveError, mixtures.MixtureError, sources.SourceError,
+                selection.SelectionError)
 
 
 class _StopRequest:

@@ -55,7 +55,10 @@ def test_run_files_parse_with_a_model(run):
   gin.clear_config()
   gin_utils.parse(['models/llama/tiny.gin', run], [
       "MIXTURE_OR_TASK_NAME = 'stdlib_lm'", "TASK_FEATURE_LENGTHS = {'targets': 32}",
-      'TRAIN_STEPS = 10', "MODEL_DIR = '/tmp/unused'"])
+      'TRAIN_STEPS = 10', "MODEL_DIR = '/tmp/unused'",
+      # Required by the continued-training runs only.
+      "INITIAL_CHECKPOINT = '/tmp/unused'", "DOMAIN_TASK = 'stdlib_prose_lm'",
+      "REPLAY_TASK = 'stdlib_code_lm'"])
   assert gin.query_parameter('%TRAIN_STEPS') == 10
 
 

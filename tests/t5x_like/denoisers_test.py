@@ -186,6 +186,19 @@ def test_nested_mixture_and_replay_recipe(letter_tasks):
   assert abs(got['c'] - 0.8) < 0.01 and abs(got['a'] - 0.1) < 0.01, got
 
 
+def test_restoring_into_other_mixture_rates_is_an_error(letter_tasks):
+  names = list(letter_tasks.values())
+  mixtures.register_mixture('test_rates', names, rates=[1.0, 1.0, 1.0])
+  config = pipeline.DatasetConfig('test_rates', {'targets': 41}, batch_size=2)
+  state = dict(pipeline.InputIterator(config, None).state(), batches_consumed=5)
+  mixtures.register_mixture('test_rates', names, rates=[1.0, 2.0, 1.0])
+  moved = pipeline.InputIterator(config, None)
+  with pytest.raises(pipeline.DataError, match='another pipeline .*mixture'):
+    moved.restore(state)
+  moved.restore(state, allow_changes=True)
+  assert moved.batches_consumed == 0
+
+
 def test_bad_mixtures_and_vocabularies(letter_tasks):
   a = letter_tasks['a']
   with pytest.raises(mixtures.MixtureError, match="unknown task or mixture 'test_letters_z'"):
