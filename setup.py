@@ -21,6 +21,8 @@ setuptools.setup(
         'seqio>=0.0.20,<0.1',
         'tensorflow>=2.21,<2.22',  # seqio's tf.data pipelines
         'grain>=0.2.18,<0.3',
+        'tensorflow-datasets>=4.9.10,<5',  # TFDS sources (t5x_like/data/sources.py)
+        'array-record>=0.8.6,<0.9',  # ArrayRecord sources read through grain
         'gin-config>=0.5.0,<0.6',
         'sentencepiece>=0.2.0,<0.3',
         'tensorboardX>=2.6.2,<3',  # TensorBoard event files

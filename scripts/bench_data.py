@@ -40,7 +40,6 @@ The run prints packed UL2 tokens/CPU-s (one core) / consumer tokens/s; the bar i
 """
 
 import argparse
-import datetime
 import json
 import os
 import re
@@ -335,25 +334,21 @@ def main():
   print('\n' + consumer_line)
 
   if args.append_docs:
-    path = os.path.join(ROOT, 'docs', 'benchmarks.md')
-    new = not os.path.exists(path)
     versions = f'tensorflow {tf.__version__}, seqio {getattr(seqio, "__version__", "?")}'
     if 'version' in t5_result:
       versions += f', t5 {t5_result["version"]}'
     cmd = 'python scripts/bench_data.py ' + ' '.join(sys.argv[1:])
-    with open(path, 'a') as f:
-      if new:
-        f.write('# Benchmarks\n\nAppended by `scripts/bench_*.py`; newest last.\n')
-      f.write(f'\n## bench_data: {datetime.date.today()} on {bench_train.machine()}\n\n'
-              f'Command: `{cmd.strip()}` ({versions}). Each row is pinned to one core with one '
-              f'tf.data thread; batch {args.batch}, {args.warmup} warm-up batches, '
-              f'{args.seconds:g} s timed; tokens = non-padding encoder input + decoder target '
-              'tokens; tokens/CPU-s = tokens / the process\'s CPU seconds (the per-core rate, '
-              'robust to other load on the core; cpu util < 1 means the core was shared); '
-              '"vs t5" compares tokens/CPU-s.\n\n'
-              '| ' + ' | '.join(header) + ' |\n|' + '---|' * len(header) + '\n' +
-              ''.join('| ' + ' | '.join(str(c) for c in line) + ' |\n' for line in lines) +
-              f'\n{consumer_line}\n')
+    path = bench_train.append_section(
+        'bench_data',
+        f'Command: `{cmd.strip()}` ({versions}). Each row is pinned to one core with one '
+        f'tf.data thread; batch {args.batch}, {args.warmup} warm-up batches, '
+        f'{args.seconds:g} s timed; tokens = non-padding encoder input + decoder target '
+        'tokens; tokens/CPU-s = tokens / the process\'s CPU seconds (the per-core rate, '
+        'robust to other load on the core; cpu util < 1 means the core was shared); '
+        '"vs t5" compares tokens/CPU-s.\n\n'
+        '| ' + ' | '.join(header) + ' |\n|' + '---|' * len(header) + '\n' +
+        ''.join('| ' + ' | '.join(str(c) for c in line) + ' |\n' for line in lines) +
+        f'\n{consumer_line}\n')
     print(f'appended to {path}')
 
 

@@ -34,6 +34,19 @@ from t5x_like import utils  # pylint: disable=wrong-import-position
 from t5x_like.data import pipeline  # pylint: disable=wrong-import-position
 
 
+def append_section(script: str, body: str) -> str:
+  """Appends `## <script>: <date> on <machine>` and `body` to docs/benchmarks.md
+  (created with its header if missing); returns the file's path."""
+  path = os.path.join(ROOT, 'docs', 'benchmarks.md')
+  new = not os.path.exists(path)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'a') as f:
+    if new:
+      f.write('# Benchmarks\n\nAppended by `scripts/bench_*.py`; newest last.\n')
+    f.write(f'\n## {script}: {datetime.date.today()} on {machine()}\n\n{body}')
+  return path
+
+
 def machine() -> str:
   dev = jax.devices()[0]
   if dev.platform == 'cpu':
@@ -105,17 +118,10 @@ def main():
     print(f'{k:<{width}}  {v}')
 
   if not args.no_append:
-    path = os.path.join(ROOT, 'docs', 'benchmarks.md')
-    new = not os.path.exists(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'a') as f:
-      if new:
-        f.write('# Benchmarks\n\nAppended by `scripts/bench_*.py`; newest last.\n')
-      cmd = 'python scripts/bench_train.py ' + ' '.join(sys.argv[1:])
-      f.write(f'\n## bench_train: {datetime.date.today()} on {machine()}\n\n'
-              f'Command: `{cmd.strip()}` (jax {jax.__version__})\n\n'
-              '| metric | value |\n|---|---|\n' +
-              ''.join(f'| {k} | {v} |\n' for k, v in rows))
+    cmd = 'python scripts/bench_train.py ' + ' '.join(sys.argv[1:])
+    append_section('bench_train', f'Command: `{cmd.strip()}` (jax {jax.__version__})\n\n'
+                   '| metric | value |\n|---|---|\n' +
+                   ''.join(f'| {k} | {v} |\n' for k, v in rows))
 
 
 if __name__ == '__main__':

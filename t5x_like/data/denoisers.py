@@ -167,10 +167,6 @@ def register_denoising_mixture(name: str, sources: Mapping[str, seqio.DataSource
   return mixtures.register_mixture(name, per_denoiser, [d.rate for d in spec])
 
 
-def denoiser_of(task_name: str) -> Optional[Denoiser]:
-  return _TASK_DENOISER.get(task_name)
-
-
 def loss_groups(mixture_or_task_name: str) -> Dict[str, int]:
   """Family ('R', 'X', 'S') -> mode token id, for the denoisers a mixture uses.
 

@@ -36,15 +36,23 @@ class MixtureError(ValueError):
 RATE_BY = ('equal', 'examples', 'characters')
 
 
+def registered_names() -> list:
+  return sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+
+
+def similar_names(name: str) -> list:
+  """Up to three registered task or mixture names close to `name` (for error hints)."""
+  return difflib.get_close_matches(name, registered_names(), n=3)
+
+
 def _lookup(name: str, mixture: str):
-  if name in seqio.TaskRegistry.names():
-    return seqio.TaskRegistry.get(name)
-  if name in seqio.MixtureRegistry.names():
-    return seqio.MixtureRegistry.get(name)
-  known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
-  close = difflib.get_close_matches(name, known, n=3)
-  hint = f'did you mean {", ".join(close)}?' if close else 'register it first'
-  raise MixtureError(f'mixture {mixture!r} names unknown task or mixture {name!r}: {hint}')
+  try:
+    return seqio.get_mixture_or_task(name)
+  except ValueError:
+    close = similar_names(name)
+    hint = f'did you mean {", ".join(close)}?' if close else 'register it first'
+    raise MixtureError(f'mixture {mixture!r} names unknown task or mixture {name!r}: '
+                       f'{hint}') from None
 
 
 def source_count(task: seqio.Task, kind: str, split: str = 'train') -> float:

@@ -8,7 +8,6 @@ exact next batch. Skipping replays the preprocessing of the skipped batches.
 """
 
 import dataclasses
-import difflib
 import hashlib
 from typing import Any, Dict, Iterator, Mapping, Optional
 
@@ -58,9 +57,9 @@ def get_mixture_or_task(name: str):
   try:
     return seqio.get_mixture_or_task(name)
   except ValueError:
-    known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
-    close = difflib.get_close_matches(name, known, n=3)
-    hint = f'did you mean {", ".join(close)}?' if close else f'registered: {", ".join(known[:10])}'
+    close = mixtures.similar_names(name)
+    hint = (f'did you mean {", ".join(close)}?' if close else
+            f'registered: {", ".join(mixtures.registered_names()[:10])}')
     raise DataError(f'unknown mixture or task {name!r}: {hint} (set MIXTURE_OR_TASK_NAME)') from None
 
 

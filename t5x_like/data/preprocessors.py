@@ -15,7 +15,7 @@ the three extra ids below them are the UL2 mode tokens (see MODE_TOKENS).
 """
 
 import math
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional, Tuple
 
 import seqio
 import tensorflow as tf
@@ -191,6 +191,26 @@ def _ceil(x: float) -> int:
   return int(math.ceil(x - 1e-9))
 
 
+def _denoising_lengths(sequence_length: Mapping[str, int], noise_density: float,
+                       objective: str) -> Tuple[int, int]:
+  """(inputs, targets) lengths, after checking them and the noise density."""
+  if not 0.0 < noise_density < 1.0:
+    raise ObjectiveError(f'noise_density={noise_density} must be in (0, 1)')
+  li, lt = sequence_length.get('inputs'), sequence_length.get('targets')
+  if li is None or lt is None:
+    raise ObjectiveError(f'{objective} needs inputs and targets lengths, got '
+                         f'{dict(sequence_length)}: set TASK_FEATURE_LENGTHS')
+  return li, lt
+
+
+def _longest(fits: Callable[[int], bool]) -> int:
+  """The largest n >= 1 with fits(2..n) (fits is monotone: longer chunks need more room)."""
+  n = 1
+  while fits(n + 1):
+    n += 1
+  return n
+
+
 def span_corruption_chunk_length(sequence_length: Mapping[str, int], noise_density: float,
                                  mean_noise_span_length: float, max_sentinels: int,
                                  prefix_tokens: int = 0) -> int:
@@ -202,15 +222,9 @@ def span_corruption_chunk_length(sequence_length: Mapping[str, int], noise_densi
   sentinels available. Raises `ObjectiveError` when the lengths are too short
   for even one span of the mean length.
   """
-  if not 0.0 < noise_density < 1.0:
-    raise ObjectiveError(f'noise_density={noise_density} must be in (0, 1)')
+  li, lt = _denoising_lengths(sequence_length, noise_density, 'span corruption')
   if mean_noise_span_length < 1.0:
     raise ObjectiveError(f'mean_noise_span_length={mean_noise_span_length} must be >= 1')
-  li = sequence_length.get('inputs')
-  lt = sequence_length.get('targets')
-  if li is None or lt is None:
-    raise ObjectiveError(f'span corruption needs inputs and targets lengths, got '
-                         f'{dict(sequence_length)}: set TASK_FEATURE_LENGTHS')
   r, mu = noise_density, mean_noise_span_length
 
   def fits(n):
@@ -220,9 +234,7 @@ def span_corruption_chunk_length(sequence_length: Mapping[str, int], noise_densi
     return (n - noise_lo + spans_hi + prefix_tokens + 1 <= li and noise_hi + spans_hi + 1 <= lt
             and spans_hi <= max_sentinels)
 
-  n = 1
-  while fits(n + 1):
-    n += 1
+  n = _longest(fits)
   description = f'noise density {r} and mean span {mu}'
   if max_sentinels < 1:
     raise ObjectiveError(f'span corruption with {description} needs sentinel ids but the '
@@ -297,12 +309,7 @@ def span_corruption(dataset: tf.data.Dataset, sequence_length: Mapping[str, int]
 def sequential_chunk_length(sequence_length: Mapping[str, int], noise_density: float,
                             prefix_tokens: int = 0) -> int:
   """The longest chunk whose S-denoising inputs and targets always fit."""
-  if not 0.0 < noise_density < 1.0:
-    raise ObjectiveError(f'noise_density={noise_density} must be in (0, 1)')
-  li, lt = sequence_length.get('inputs'), sequence_length.get('targets')
-  if li is None or lt is None:
-    raise ObjectiveError(f'S-denoising needs inputs and targets lengths, got '
-                         f'{dict(sequence_length)}: set TASK_FEATURE_LENGTHS')
+  li, lt = _denoising_lengths(sequence_length, noise_density, 'S-denoising')
 
   def fits(n):
     m = n * noise_density
@@ -311,9 +318,7 @@ def sequential_chunk_length(sequence_length: Mapping[str, int], noise_density: f
     t_hi = min(n - 1, _ceil(m + w))
     return n - t_lo + prefix_tokens + 1 <= li and t_hi + 1 <= lt
 
-  n = 1
-  while fits(n + 1):
-    n += 1
+  n = _longest(fits)
   if n < 2:
     raise ObjectiveError(f'inputs {li} / targets {lt} are too short for S-denoising: raise '
                          'the feature lengths')

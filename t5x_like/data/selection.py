@@ -42,6 +42,8 @@ import optax
 import seqio
 import tensorflow as tf
 
+from t5x_like.data import mixtures
+
 DEFAULT_CLASSIFIER_BUCKETS = 2**16
 # The DSIR paper's choice: enough buckets to separate domains, few enough that
 # a small target corpus estimates every bucket's probability.
@@ -801,12 +803,9 @@ def register_filtered(mixture_or_task_name: str, filters: Sequence[Callable[...,
 
   if mixture_or_task_name in seqio.MixtureRegistry.names():
     mixture = seqio.get_mixture_or_task(mixture_or_task_name)
-    tasks = [(filtered_task(t), mixture.get_rate(t)) for t in mixture.tasks]
-    name = f'{mixture_or_task_name}_{suffix}'
-    if name in seqio.MixtureRegistry.names():
-      seqio.MixtureRegistry.remove(name)
-    seqio.MixtureRegistry.add(name, tasks)
-    return name
+    return mixtures.register_mixture(f'{mixture_or_task_name}_{suffix}',
+                                     [filtered_task(t) for t in mixture.tasks],
+                                     rates=[mixture.get_rate(t) for t in mixture.tasks])
   if mixture_or_task_name in seqio.TaskRegistry.names():
     return filtered_task(seqio.get_mixture_or_task(mixture_or_task_name))
   raise SelectionError(f'no Task or Mixture named {mixture_or_task_name!r} is registered: import '
