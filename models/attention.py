@@ -1,5 +1,6 @@
 """Multi-head (MHA/MQA/GQA) attention and the one attention-kernel dispatch."""
 
+import dataclasses
 import functools
 from typing import Any, Optional
 
@@ -10,6 +11,7 @@ from flax import struct
 
 from models import config as cfg
 from models import layers
+from pallas_kernels.flash_attention import ops as flash_ops
 from pallas_kernels.flash_attention import reference
 from partitioning import axes as ax
 
@@ -39,16 +41,78 @@ def dot_product_attention(kernel: cfg.AttentionKernel, q: Array, k: Array, v: Ar
 
   q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim].
   """
+  masks = dict(q_segment_ids=q_ctx.segment_ids, kv_segment_ids=kv_ctx.segment_ids,
+               q_positions=q_ctx.positions, kv_positions=kv_ctx.positions, causal=causal,
+               q_prefix=q_ctx.prefix if causal else None,
+               kv_prefix=kv_ctx.prefix if causal else None)
   match kernel:
     case cfg.AttentionKernel.XLA:
-      return reference.attention(
-          q, k, v, q_segment_ids=q_ctx.segment_ids, kv_segment_ids=kv_ctx.segment_ids,
-          q_positions=q_ctx.positions, kv_positions=kv_ctx.positions, causal=causal,
-          q_prefix=q_ctx.prefix if causal else None,
-          kv_prefix=kv_ctx.prefix if causal else None,
-          alibi_slopes=alibi_slopes, rel_bias=rel_bias,
-          dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+      return reference.attention(q, k, v, **masks, alibi_slopes=alibi_slopes,
+                                 rel_bias=rel_bias, dropout_rate=dropout_rate,
+                                 dropout_rng=dropout_rng)
+    case cfg.AttentionKernel.FLASH:
+      if dropout_rng is not None and dropout_rate > 0.0:
+        raise ValueError('attention_kernel=flash does not apply attention dropout: '
+                         'set dropout_rate = 0.0 or attention_kernel = "xla"')
+      return _sharded_flash_attention(q, k, v, masks, alibi_slopes, rel_bias)
   raise NotImplementedError(kernel)
+
+
+def _mesh_axes(names, dims):
+  """Mesh axes of logical `names` under the current rules and mesh, or None per
+  dimension that does not divide (it is then replicated inside shard_map)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = list(nn.logical_to_mesh_axes(names))
+  for i, (a, d) in enumerate(zip(axes, dims)):
+    if a is None:
+      continue
+    size = 1
+    for name in (a,) if isinstance(a, str) else a:
+      size *= mesh.shape[name]
+    if d % size:
+      axes[i] = None
+  return axes
+
+
+def _sharded_flash_attention(q, k, v, masks, alibi_slopes, rel_bias):
+  """Flash attention per device under the current mesh.
+
+  A pallas_call has no partitioning rule of its own, so it runs inside
+  shard_map over the batch and head shards the rules give q, k and v. Heads
+  stay sharded only where both heads and K/V heads divide (or K/V is a single
+  shared head), so each device's query heads map onto its own K/V heads.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return flash_ops.flash_attention(q, k, v, **masks, alibi_slopes=alibi_slopes,
+                                     rel_bias=rel_bias)
+  batch, _, heads, _ = q.shape
+  kv_heads = k.shape[2]
+  batch_axes, _, head_axes, _ = _mesh_axes((ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM),
+                                           q.shape)
+  kv_axes = _mesh_axes((ax.BATCH, ax.LENGTH, ax.KV_HEADS, ax.HEAD_DIM), k.shape)[2]
+  if kv_heads == 1:
+    kv_axes = None
+  elif kv_axes != head_axes:
+    head_axes = kv_axes = None
+  P = jax.sharding.PartitionSpec
+  qs, kvs, rows = P(batch_axes, None, head_axes, None), P(batch_axes, None, kv_axes, None), \
+      P(batch_axes, None)
+  args = dict(masks)
+  causal = args.pop('causal')
+  ids = {name: x for name, x in args.items() if x is not None}
+  table = None if rel_bias is None else rel_bias.table
+
+  def local(q, k, v, ids, slopes, table):
+    rb = None if table is None else dataclasses.replace(rel_bias, table=table)
+    return flash_ops.flash_attention(q, k, v, **ids, causal=causal, alibi_slopes=slopes,
+                                     rel_bias=rb)
+
+  return jax.shard_map(
+      local, in_specs=(qs, kvs, kvs, {name: rows for name in ids},
+                       None if alibi_slopes is None else P(head_axes),
+                       None if table is None else P(head_axes, None)),
+      out_specs=qs, check_vma=False)(q, k, v, ids, alibi_slopes, table)
 
 
 class MultiHeadAttention(nn.Module):

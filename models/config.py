@@ -47,6 +47,7 @@ class MlpKind(enum.Enum):
 
 class AttentionKernel(enum.Enum):
   XLA = 'xla'  # the jnp reference, compiled by XLA
+  FLASH = 'flash'  # Pallas flash attention (Triton on GPU, Mosaic on TPU, interpreted on CPU)
 
 
 class RematPolicy(enum.Enum):
@@ -125,6 +126,10 @@ class DecoderConfig:
                         f'{name}.max_length to the longest sequence')
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ConfigError(f'{name}.dropout_rate={self.dropout_rate} must be in [0, 1)')
+    if self.attention_kernel == AttentionKernel.FLASH and self.dropout_rate > 0.0:
+      raise ConfigError(f'{name}.attention_kernel=flash does not drop attention '
+                        f'probabilities, but dropout_rate={self.dropout_rate}: set '
+                        f'{name}.dropout_rate = 0.0 or {name}.attention_kernel = "xla"')
     for field in ('dtype', 'param_dtype'):
       try:
         jnp.dtype(getattr(self, field))

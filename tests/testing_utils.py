@@ -1,11 +1,13 @@
 """Tiny configs and helpers shared by the tests."""
 
+import importlib.util
 import json
 import os
 import sys
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from models import config as cfg
@@ -99,3 +101,52 @@ def subprocess_env(devices=None):
   if devices is not None:
     e['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   return e
+
+
+def load_script(name):
+  """scripts/<name>.py as a module (scripts/ is not a package)."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'scripts', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def lower_flash_attention(backend, heads, kv_heads, q_len, kv_len, head_dim, dtype, features,
+                          block_sizes=None):
+  """Lowers flash attention's forward and gradient (q, k, v, T5 table) for the
+  backend's device on this machine: (forward text, backward text).
+
+  features: any of 'causal', 'prefix', 'segments', 'alibi', 't5'. The caller
+  sets `ops._LOWERING_ONLY` (monkeypatch) so interpret=False passes on CPU.
+  """
+  from pallas_kernels.flash_attention import ops  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.flash_attention import reference as ref  # pylint: disable=g-import-not-at-top
+  platform = {'gpu': 'cuda', 'tpu': 'tpu'}[backend]
+  q = jax.ShapeDtypeStruct((2, q_len, heads, head_dim), dtype)
+  kv = jax.ShapeDtypeStruct((2, kv_len, kv_heads, head_dim), dtype)
+  q_ids = jax.ShapeDtypeStruct((2, q_len), jnp.int32)
+  kv_ids = jax.ShapeDtypeStruct((2, kv_len), jnp.int32)
+  table = jax.ShapeDtypeStruct((heads, 32), jnp.float32)
+
+  def attend(q, k, v, q_ids, kv_ids, table):
+    kw = {}
+    if 'segments' in features:
+      kw.update(q_segment_ids=q_ids, kv_segment_ids=kv_ids, q_positions=q_ids,
+                kv_positions=kv_ids)
+    if 'prefix' in features:
+      kw.update(q_prefix=q_ids, kv_prefix=kv_ids)
+    if 'alibi' in features:
+      kw['alibi_slopes'] = jnp.asarray(ref.alibi_slopes(heads))
+    if 't5' in features:
+      kw['rel_bias'] = ref.RelativeBias(table)
+    return ops.flash_attention(q, k, v, causal='causal' in features, backend=backend,
+                               interpret=False, block_sizes=block_sizes, **kw)
+
+  def loss(*args):
+    return attend(*args).astype(jnp.float32).sum()
+
+  args = (q, kv, kv, q_ids, kv_ids, table)
+  fwd = jax.jit(attend).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 5))).trace(*args).lower(
+      lowering_platforms=(platform,)).as_text()
+  return fwd, bwd

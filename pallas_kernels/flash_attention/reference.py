@@ -146,7 +146,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     dropout_rate, dropout_rng: dropout on the attention probabilities.
 
   Returns:
-    [batch, q_len, heads, head_dim] in q's dtype.
+    [batch, q_len, heads, head_dim] in q's dtype; zeros for a query that no
+    key may attend to.
   """
   batch, q_len, heads, head_dim = q.shape
   kv_len, kv_heads = k.shape[1], k.shape[2]
@@ -174,6 +175,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   if mask is not None:
     logits = jnp.where(mask, logits, MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1)
+  if mask is not None:
+    # A query with no allowed key (padding against another segment) attends to
+    # nothing: output 0, as the flash kernels do, rather than a uniform average.
+    probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0)
   if dropout_rate > 0.0 and dropout_rng is not None:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)

@@ -8,7 +8,6 @@ bodies with their docstrings removed, four lines at a time).
 import ast
 import functools
 import importlib
-import importlib.util
 import inspect
 import json
 import os
@@ -289,14 +288,6 @@ def test_register_filtered_task_from_gin(classifier):
 # Command line.
 
 
-def _cli_module():
-  spec = importlib.util.spec_from_file_location(
-      'select_data', os.path.join(tu.ROOT, 'scripts', 'select_data.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_cli_end_to_end(tmp_path, capsys):
   prose, code = _corpus()
   files = {'good.txt': prose[:200], 'bad.txt': code[:200], 'target.txt': prose[300:600]}
@@ -324,7 +315,7 @@ def test_cli_end_to_end(tmp_path, capsys):
   assert all(raw[r['id']] == r['text'] for r in selected)
   assert sel.ImportanceWeights.load(str(tmp_path / 'dsir.npz')).num_buckets == 10_000
 
-  cli = _cli_module()
+  cli = tu.load_script('select_data')
   assert cli.main(['train-classifier', '--positive', str(tmp_path / 'good.txt'), '--negative',
                    str(tmp_path / 'bad.txt'), '--output', str(tmp_path / 'q.npz'),
                    '--steps', '30']) == 0

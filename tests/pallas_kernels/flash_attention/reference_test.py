@@ -144,3 +144,8 @@ def test_fully_masked_rows_stay_finite():
   seg_k = np.array([[1, 1, 2, 2]])
   out = ref.attention(q, k, v, q_segment_ids=seg_q, kv_segment_ids=seg_k)
   assert np.all(np.isfinite(out))
+  # Queries of segment 0 match no key: they attend to nothing.
+  np.testing.assert_array_equal(out[0, 2:], 0.0)
+  grads = jax.grad(lambda q, k, v: jnp.sum(ref.attention(
+      q, k, v, q_segment_ids=seg_q, kv_segment_ids=seg_k)))(q, k, v)
+  assert np.all(np.isfinite(grads))
