@@ -14,6 +14,7 @@ from models import layers
 from pallas_kernels.flash_attention import ops as flash_ops
 from pallas_kernels.flash_attention import reference
 from partitioning import axes as ax
+from partitioning import partitioner
 
 Array = jax.Array
 
@@ -25,10 +26,12 @@ class Context:
   positions: [batch, length] int positions (reset per packed segment).
   segment_ids: [batch, length] packed-sequence ids (0 = padding), or None.
   prefix: [batch, length] prefix-LM flags (True: bidirectional input token), or None.
+  token_ids: [batch, length] input token ids (hash-routed experts read them), or None.
   """
   positions: Array
   segment_ids: Optional[Array] = None
   prefix: Optional[Array] = None
+  token_ids: Optional[Array] = None
 
 
 def dot_product_attention(kernel: cfg.AttentionKernel, q: Array, k: Array, v: Array, *,
@@ -58,22 +61,6 @@ def dot_product_attention(kernel: cfg.AttentionKernel, q: Array, k: Array, v: Ar
   raise NotImplementedError(kernel)
 
 
-def _mesh_axes(names, dims):
-  """Mesh axes of logical `names` under the current rules and mesh, or None per
-  dimension that does not divide (it is then replicated inside shard_map)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  axes = list(nn.logical_to_mesh_axes(names))
-  for i, (a, d) in enumerate(zip(axes, dims)):
-    if a is None:
-      continue
-    size = 1
-    for name in (a,) if isinstance(a, str) else a:
-      size *= mesh.shape[name]
-    if d % size:
-      axes[i] = None
-  return axes
-
-
 def _sharded_flash_attention(q, k, v, masks, alibi_slopes, rel_bias):
   """Flash attention per device under the current mesh.
 
@@ -88,9 +75,10 @@ def _sharded_flash_attention(q, k, v, masks, alibi_slopes, rel_bias):
                                      rel_bias=rel_bias)
   batch, _, heads, _ = q.shape
   kv_heads = k.shape[2]
-  batch_axes, _, head_axes, _ = _mesh_axes((ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM),
-                                           q.shape)
-  kv_axes = _mesh_axes((ax.BATCH, ax.LENGTH, ax.KV_HEADS, ax.HEAD_DIM), k.shape)[2]
+  batch_axes, _, head_axes, _ = partitioner.mesh_axes_in_context(
+      (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM), q.shape)
+  kv_axes = partitioner.mesh_axes_in_context(
+      (ax.BATCH, ax.LENGTH, ax.KV_HEADS, ax.HEAD_DIM), k.shape)[2]
   if kv_heads == 1:
     kv_axes = None
   elif kv_axes != head_axes:

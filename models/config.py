@@ -50,6 +50,18 @@ class AttentionKernel(enum.Enum):
   FLASH = 'flash'  # Pallas flash attention (Triton on GPU, Mosaic on TPU, interpreted on CPU)
 
 
+class RouterKind(enum.Enum):
+  TOKEN_CHOICE = 'token_choice'  # each token picks its top-k experts (Switch, GLaM, Mixtral)
+  EXPERT_CHOICE = 'expert_choice'  # each expert picks its top-capacity tokens (Zhou et al.)
+  HASH = 'hash'  # a fixed hash of the token id (PanGu-Sigma random routing); k = 1
+
+
+class MoeImpl(enum.Enum):
+  CAPACITY = 'capacity'  # einsum dispatch with a capacity factor; overflow dropped
+  DROPLESS = 'dropless'  # sort by expert + the Pallas grouped matmul; nothing dropped
+  RAGGED_DOT = 'ragged_dot'  # sort by expert + XLA's jax.lax.ragged_dot; nothing dropped
+
+
 class RematPolicy(enum.Enum):
   NONE = 'none'  # keep every activation
   FULL = 'full'  # recompute the whole layer in the backward pass
@@ -97,6 +109,21 @@ class DecoderConfig:
   scan_layers: bool = True
   remat_policy: RematPolicy = RematPolicy.NONE
   attention_kernel: AttentionKernel = AttentionKernel.XLA
+  # Mixture of experts: num_experts = 0 is a dense model. Layer i has an MoE
+  # block in place of its MLP when (i + 1) % moe_layer_interval == 0 (2: every
+  # other layer, as Switch and GLaM).
+  num_experts: int = 0
+  num_experts_per_token: int = 2  # k of token choice; expert choice: mean experts per token
+  moe_layer_interval: int = 1
+  moe_mlp_dim: Optional[int] = None  # None: mlp_dim
+  router: RouterKind = RouterKind.TOKEN_CHOICE
+  moe_impl: MoeImpl = MoeImpl.CAPACITY
+  capacity_factor: float = 1.25
+  renormalize_gates: bool = True  # top-k weights sum to 1 (Mixtral); False: raw probs (Switch)
+  router_jitter: float = 0.0  # multiplicative noise on the router input while training
+  num_shared_experts: int = 0  # DeepSeek: experts every token uses
+  load_balance_loss_weight: float = 0.01
+  router_z_loss_weight: float = 0.001
 
   def __post_init__(self):
     name = type(self).__name__
@@ -104,7 +131,8 @@ class DecoderConfig:
                        ('norm_position', NormPosition),
                        ('position_encoding', PositionEncoding),
                        ('remat_policy', RematPolicy),
-                       ('attention_kernel', AttentionKernel)):
+                       ('attention_kernel', AttentionKernel),
+                       ('router', RouterKind), ('moe_impl', MoeImpl)):
       object.__setattr__(self, field, _coerce(cls, getattr(self, field), f'{name}.{field}'))
     if self.num_kv_heads is None:
       object.__setattr__(self, 'num_kv_heads', self.num_heads)
@@ -130,12 +158,47 @@ class DecoderConfig:
       raise ConfigError(f'{name}.attention_kernel=flash does not drop attention '
                         f'probabilities, but dropout_rate={self.dropout_rate}: set '
                         f'{name}.dropout_rate = 0.0 or {name}.attention_kernel = "xla"')
+    self._check_moe(name)
     for field in ('dtype', 'param_dtype'):
       try:
         jnp.dtype(getattr(self, field))
       except TypeError:
         raise ConfigError(f'{name}.{field}={getattr(self, field)!r} is not a dtype: '
                           "use 'float32' or 'bfloat16'") from None
+
+  def _check_moe(self, name: str) -> None:
+    if self.num_experts < 0:
+      raise ConfigError(f'{name}.num_experts={self.num_experts} must be >= 0 (0: dense)')
+    if not self.num_experts:
+      return
+    k = self.num_experts_per_token
+    if self.router == RouterKind.HASH and k != 1:
+      raise ConfigError(f'{name}.router=hash routes each token to one expert, but '
+                        f'num_experts_per_token={k}: set it to 1')
+    if self.router == RouterKind.TOKEN_CHOICE and not 1 <= k <= self.num_experts:
+      raise ConfigError(f'{name}.num_experts_per_token={k} must be between 1 and '
+                        f'num_experts={self.num_experts}: lower the top-k')
+    if self.router == RouterKind.EXPERT_CHOICE and k < 1:
+      raise ConfigError(f'{name}.num_experts_per_token={k} must be at least 1')
+    if self.router == RouterKind.EXPERT_CHOICE and self.moe_impl != MoeImpl.CAPACITY:
+      raise ConfigError(f'{name}.router=expert_choice fills fixed capacities: set '
+                        f"{name}.moe_impl = 'capacity'")
+    if not self.capacity_factor > 0:
+      raise ConfigError(f'{name}.capacity_factor={self.capacity_factor} must be > 0: '
+                        'use e.g. 1.25 (Switch) or 2.0')
+    if self.moe_layer_interval < 1 or self.num_layers % self.moe_layer_interval:
+      raise ConfigError(f'{name}.moe_layer_interval={self.moe_layer_interval} must divide '
+                        f'num_layers={self.num_layers}')
+    if self.num_shared_experts < 0 or not 0.0 <= self.router_jitter < 1.0:
+      raise ConfigError(f'{name}: num_shared_experts={self.num_shared_experts} must be >= 0 '
+                        f'and router_jitter={self.router_jitter} in [0, 1)')
+    for field in ('load_balance_loss_weight', 'router_z_loss_weight'):
+      if getattr(self, field) < 0:
+        raise ConfigError(f'{name}.{field}={getattr(self, field)} must be >= 0')
+
+  def is_moe_layer(self, index: int) -> bool:
+    """Whether layer `index` (0-based) has an MoE block in place of its MLP."""
+    return self.num_experts > 0 and (index + 1) % self.moe_layer_interval == 0
 
   @property
   def rotary_dim(self) -> int:
@@ -168,3 +231,6 @@ class EncoderDecoderConfig(DecoderConfig):
     if self.num_encoder_layers < 1:
       raise ConfigError(f'EncoderDecoderConfig.num_encoder_layers='
                         f'{self.num_encoder_layers} must be at least 1')
+    if self.num_experts and self.num_encoder_layers % self.moe_layer_interval:
+      raise ConfigError(f'EncoderDecoderConfig.moe_layer_interval={self.moe_layer_interval} '
+                        f'must divide num_encoder_layers={self.num_encoder_layers}')

@@ -16,6 +16,7 @@ import numpy as np
 
 from models import config as cfg
 from models import losses
+from models import moe as moe_lib
 from models import transformer
 
 Array = jax.Array
@@ -61,19 +62,47 @@ class BaseModel(abc.ABC):
     """Boxed (logically partitioned) variables; call under jit / eval_shape."""
     return self.module.init({'params': rng}, **self._module_inputs(batch))
 
+  @property
+  def needs_rng(self) -> bool:
+    """Whether training draws randomness (dropout, router jitter)."""
+    c = self.config
+    return c.dropout_rate > 0.0 or (c.num_experts > 0 and c.router_jitter > 0.0)
+
+  def apply_with_stats(self, params, batch: Batch, dropout_rng: Optional[Array] = None
+                       ) -> Tuple[Array, Dict[str, Array]]:
+    """Logits [batch, length, vocab] (f32) and the MoE router statistics:
+    name -> [num_moe_layers] f32 (empty for a dense model)."""
+    module, kwargs = self.module, {}
+    if dropout_rng is not None:
+      module, kwargs = self._train_module, {'rngs': {'dropout': dropout_rng}}
+    if not self.config.num_experts:
+      return module.apply({'params': params}, **self._module_inputs(batch), **kwargs), {}
+    logits, state = module.apply({'params': params}, **self._module_inputs(batch),
+                                 mutable=[moe_lib.MOE_COLLECTION], **kwargs)
+    return logits, moe_lib.collect_stats(state[moe_lib.MOE_COLLECTION])
+
   def apply(self, params, batch: Batch, dropout_rng: Optional[Array] = None) -> Array:
     """Logits [batch, length, vocab] (f32)."""
-    if dropout_rng is None:
-      return self.module.apply({'params': params}, **self._module_inputs(batch))
-    return self._train_module.apply({'params': params}, **self._module_inputs(batch),
-                                    rngs={'dropout': dropout_rng})
+    return self.apply_with_stats(params, batch, dropout_rng)[0]
 
   def per_token_loss(self, params, batch: Batch, dropout_rng=None) -> Tuple[Array, Array, Array]:
     """(loss, z_loss term, logits): loss and z-term [batch, length], unweighted."""
-    logits = self.apply(params, batch, dropout_rng)
+    loss, z, logits, _ = self._per_token_loss_and_stats(params, batch, dropout_rng)
+    return loss, z, logits
+
+  def _per_token_loss_and_stats(self, params, batch, dropout_rng):
+    logits, stats = self.apply_with_stats(params, batch, dropout_rng)
     loss, z = losses.cross_entropy_with_logits(
         logits, batch['decoder_target_tokens'], self.z_loss, self.label_smoothing)
-    return loss, z, logits
+    return loss, z, logits, stats
+
+  def moe_loss(self, stats: Mapping[str, Array]) -> Array:
+    """The weighted router losses, summed over MoE layers (0 for a dense model)."""
+    if not stats:
+      return jnp.zeros((), jnp.float32)
+    c = self.config
+    return (c.load_balance_loss_weight * jnp.sum(stats['load_balance_loss']) +
+            c.router_z_loss_weight * jnp.sum(stats['router_z_loss']))
 
   def loss_fn(self, params, batch: Batch, dropout_rng=None,
               token_groups: Optional[Mapping[str, Array]] = None) -> Tuple[Array, Dict[str, Array]]:
@@ -83,16 +112,23 @@ class BaseModel(abc.ABC):
     each group's cross-entropy sum and weight sum to aux, as
     `group_loss_sum/<name>` and `group_weight_sum/<name>`.
     """
-    loss, z, logits = self.per_token_loss(params, batch, dropout_rng)
+    loss, z, logits, stats = self._per_token_loss_and_stats(params, batch, dropout_rng)
     weights = batch['decoder_loss_weights'].astype(jnp.float32)
     correct = (jnp.argmax(logits, -1) == batch['decoder_target_tokens']).astype(jnp.float32)
-    aux = {'weight_sum': jnp.sum(weights), 'z_loss_sum': jnp.sum(z * weights),
-           'correct_sum': jnp.sum(correct * weights)}
+    weight_sum = jnp.sum(weights)
+    # Router losses are per batch, not per token: scaled by the weight sum so
+    # that dividing by it (after summing microbatches) gives their mean.
+    moe_loss_sum = self.moe_loss(stats) * weight_sum
+    aux = {'weight_sum': weight_sum, 'z_loss_sum': jnp.sum(z * weights),
+           'correct_sum': jnp.sum(correct * weights), 'moe_loss_sum': moe_loss_sum}
+    for name, values in stats.items():
+      for i in range(values.shape[0]):
+        aux[f'moe_sum/{name}/{i}'] = values[i] * weight_sum
     for name, mask in (token_groups or {}).items():
       w = weights * mask.astype(jnp.float32)
       aux[f'group_loss_sum/{name}'] = jnp.sum((loss - z) * w)
       aux[f'group_weight_sum/{name}'] = jnp.sum(w)
-    return jnp.sum(loss * weights), aux
+    return jnp.sum(loss * weights) + moe_loss_sum, aux
 
   def score_batch(self, params, batch: Batch) -> Array:
     """Sum of target-token log-likelihoods per example [batch] (no z-loss, no smoothing)."""

@@ -5,7 +5,16 @@ walking a parameter tree), so a test comparing it with the built model checks
 both. `flops_per_token` counts matmul FLOPs for training (forward + backward
 = 3x forward), the way PaLM's MFU does: every weight matmul plus attention's
 QK^T and AV over the full sequence.
+
+Mixture of experts: every `moe_layer_interval`-th layer of each stack has an
+MoE block in place of its MLP: `num_experts` bias-free expert MLPs of width
+`moe_mlp_dim`, a router [embed, experts] (none for hash routing) and a dense
+shared MLP of width `num_shared_experts * moe_mlp_dim`. FLOPs count the
+experts a token actually uses (k; k * capacity_factor for expert choice),
+not the padding slots of capacity dispatch.
 """
+
+from typing import Optional
 
 from models import config as cfg
 
@@ -22,17 +31,39 @@ def _attention(c: cfg.DecoderConfig) -> int:
   return n
 
 
-def _mlp(c: cfg.DecoderConfig) -> int:
+def _mlp(c: cfg.DecoderConfig, mlp_dim: Optional[int] = None) -> int:
+  mlp_dim = mlp_dim or c.mlp_dim
   branches = 2 if c.mlp.gated else 1
-  n = branches * c.emb_dim * c.mlp_dim + c.mlp_dim * c.emb_dim
+  n = branches * c.emb_dim * mlp_dim + mlp_dim * c.emb_dim
   if c.use_bias:
-    n += branches * c.mlp_dim + c.emb_dim
+    n += branches * mlp_dim + c.emb_dim
   return n
 
 
-def _layer(c: cfg.DecoderConfig, cross: bool) -> int:
+def _moe_mlp_dim(c: cfg.DecoderConfig) -> int:
+  return c.moe_mlp_dim or c.mlp_dim
+
+
+def _moe(c: cfg.DecoderConfig) -> int:
+  """One MoE block: experts (no biases), router, shared experts."""
+  branches = 2 if c.mlp.gated else 1
+  m = _moe_mlp_dim(c)
+  n = c.num_experts * (branches + 1) * c.emb_dim * m
+  if c.router != cfg.RouterKind.HASH:
+    n += c.emb_dim * c.num_experts
+  if c.num_shared_experts:
+    n += _mlp(c, m * c.num_shared_experts)
+  return n
+
+
+def _layer(c: cfg.DecoderConfig, cross: bool, moe: bool = False) -> int:
   norms = (1 if c.parallel_block else 2) + (1 if cross else 0)
-  return _attention(c) * (2 if cross else 1) + _mlp(c) + norms * _norm(c)
+  return (_attention(c) * (2 if cross else 1) + (_moe(c) if moe else _mlp(c)) +
+          norms * _norm(c))
+
+
+def _stack_layers(c: cfg.DecoderConfig, num_layers: int, cross: bool) -> int:
+  return sum(_layer(c, cross, c.is_moe_layer(i)) for i in range(num_layers))
 
 
 def _stack_extras(c: cfg.DecoderConfig) -> int:
@@ -54,10 +85,10 @@ def analytic_param_count(c: cfg.DecoderConfig) -> int:
   if not c.tie_embeddings:
     n += c.emb_dim * c.vocab_size
   if isinstance(c, cfg.EncoderDecoderConfig):
-    n += c.num_encoder_layers * _layer(c, cross=False) + _stack_extras(c)
-    n += c.num_layers * _layer(c, cross=True) + _stack_extras(c)
+    n += _stack_layers(c, c.num_encoder_layers, cross=False) + _stack_extras(c)
+    n += _stack_layers(c, c.num_layers, cross=True) + _stack_extras(c)
   else:
-    n += c.num_layers * _layer(c, cross=False) + _stack_extras(c)
+    n += _stack_layers(c, c.num_layers, cross=False) + _stack_extras(c)
   return n
 
 
@@ -71,7 +102,28 @@ def _forward_flops_per_token(c: cfg.DecoderConfig, attended: int, cross_attended
   if cross:
     # query/out per decoder token; key/value are counted with the encoder tokens.
     per_layer += 2 * 2 * d * h * hd + 2 * 2 * cross_attended * h * hd
-  return layers * per_layer + (2 * d * c.vocab_size if logits else 0)
+  n = layers * per_layer + (2 * d * c.vocab_size if logits else 0)
+  moe_layers = sum(c.is_moe_layer(i) for i in range(layers))
+  if moe_layers:  # their MLP FLOPs are the MoE block's instead
+    n += int(round(moe_layers * (_moe_forward_flops(c) - 2 * (branches + 1) * d * c.mlp_dim)))
+  return n
+
+
+def _moe_forward_flops(c: cfg.DecoderConfig) -> float:
+  """Forward matmul FLOPs of one MoE block per token: the experts it uses,
+  the router and the shared experts."""
+  branches = 2 if c.mlp.gated else 1
+  d, m = c.emb_dim, _moe_mlp_dim(c)
+  if c.router == cfg.RouterKind.EXPERT_CHOICE:
+    # experts * capacity slots per sequence = k * capacity_factor per token
+    used = c.num_experts_per_token * c.capacity_factor
+  elif c.router == cfg.RouterKind.HASH:
+    used = 1
+  else:
+    used = c.num_experts_per_token
+  router = 0 if c.router == cfg.RouterKind.HASH else 2 * d * c.num_experts
+  shared = 2 * (branches + 1) * d * m * c.num_shared_experts
+  return used * 2 * (branches + 1) * d * m + router + shared
 
 
 def train_flops_per_example(c: cfg.DecoderConfig, inputs_length: int, targets_length: int) -> int:

@@ -10,7 +10,7 @@ With `scan_layers`, `layers` holds every parameter stacked on a leading
 """
 
 import functools
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from models import attention as attn
 from models import config as cfg
 from models import layers
+from models import moe as moe_lib
 from pallas_kernels.flash_attention import reference
 from partitioning import axes as ax
 
@@ -55,6 +56,7 @@ class TransformerLayer(nn.Module):
   deterministic: bool = True
   deepnorm_alpha: float = 1.0
   deepnorm_beta: float = 1.0
+  moe: bool = False  # an MoE block (`moe`) in place of the MLP (`mlp`)
 
   @nn.compact
   def __call__(self, x: Array, ctx: attn.Context, rel_table: Optional[Array],
@@ -75,9 +77,19 @@ class TransformerLayer(nn.Module):
         deterministic=self.deterministic, dtype=c.compute_dtype, param_dtype=c.params_dtype,
         value_init_scale=beta)
     self_attention = make_attention(position_encoding=c.position_encoding, name='self_attention')
-    mlp = layers.MlpBlock(c.mlp_dim, c.mlp, use_bias=c.use_bias, dropout_rate=c.dropout_rate,
-                          deterministic=self.deterministic, dtype=c.compute_dtype,
-                          param_dtype=c.params_dtype, init_scale=beta, name='mlp')
+    if self.moe:
+      moe_block = moe_lib.MoeBlock(
+          c.num_experts, c.num_experts_per_token, c.moe_mlp_dim or c.mlp_dim, c.mlp,
+          router=c.router, impl=c.moe_impl, capacity_factor=c.capacity_factor,
+          renormalize=c.renormalize_gates, router_jitter=c.router_jitter,
+          num_shared_experts=c.num_shared_experts, use_bias=c.use_bias,
+          deterministic=self.deterministic, dtype=c.compute_dtype, param_dtype=c.params_dtype,
+          init_scale=beta, name='moe')
+      mlp = lambda y: moe_block(y, ctx.token_ids)
+    else:
+      mlp = layers.MlpBlock(c.mlp_dim, c.mlp, use_bias=c.use_bias, dropout_rate=c.dropout_rate,
+                            deterministic=self.deterministic, dtype=c.compute_dtype,
+                            param_dtype=c.params_dtype, init_scale=beta, name='mlp')
     drop = lambda y: nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))(
         y, deterministic=self.deterministic)
     x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.EMBED))
@@ -131,16 +143,40 @@ class Stack(nn.Module):
     kwargs = dict(config=c, causal=self.causal, cross_attention=self.cross_attention,
                   deterministic=self.deterministic, deepnorm_alpha=self.deepnorm_alpha,
                   deepnorm_beta=self.deepnorm_beta)
+    # With experts every `interval`-th layer, the scanned unit is a group of
+    # `interval` layers whose last one is MoE (`layers/sublayer_<j>`).
+    interval = c.moe_layer_interval if c.num_experts else 1
     if c.scan_layers:
-      scanned = nn.scan(layer_cls, variable_axes={'params': 0},
+      if interval == 1:
+        unit, unit_kwargs = layer_cls, dict(kwargs, moe=c.num_experts > 0)
+      else:
+        unit, unit_kwargs = LayerGroup, dict(layer_cls=layer_cls, layer_kwargs=kwargs,
+                                             size=interval)
+      scanned = nn.scan(unit, variable_axes={'params': 0, moe_lib.MOE_COLLECTION: 0},
                         split_rngs={'params': True, 'dropout': True},
-                        in_axes=(nn.broadcast,) * 4, length=self.num_layers,
+                        in_axes=(nn.broadcast,) * 4, length=self.num_layers // interval,
                         metadata_params={nn.PARTITION_NAME: ax.LAYERS})
-      x, _ = scanned(**kwargs, name='layers')(x, ctx, rel_table, encoded, enc_ctx)
+      x, _ = scanned(**unit_kwargs, name='layers')(x, ctx, rel_table, encoded, enc_ctx)
     else:
       for i in range(self.num_layers):
-        x, _ = layer_cls(**kwargs, name=f'layers_{i}')(x, ctx, rel_table, encoded, enc_ctx)
+        x, _ = layer_cls(**kwargs, moe=c.is_moe_layer(i), name=f'layers_{i}')(
+            x, ctx, rel_table, encoded, enc_ctx)
     return x
+
+
+class LayerGroup(nn.Module):
+  """`size` consecutive layers, the last with an MoE block: the scan unit of
+  models with experts every `size`-th layer."""
+  layer_cls: Any
+  layer_kwargs: Dict[str, Any]
+  size: int
+
+  @nn.compact
+  def __call__(self, x, ctx, rel_table, encoded, enc_ctx):
+    for j in range(self.size):
+      x, _ = self.layer_cls(**self.layer_kwargs, moe=j == self.size - 1, name=f'sublayer_{j}')(
+          x, ctx, rel_table, encoded, enc_ctx)
+    return x, None
 
 
 class _StackIO(nn.Module):
@@ -228,7 +264,7 @@ def _context(tokens: Array, positions: Optional[Array], segment_ids: Optional[Ar
   if segment_ids is None:
     segment_ids = (valid if valid is not None else tokens > 0).astype(jnp.int32)
   return attn.Context(positions=positions, segment_ids=segment_ids,
-                      prefix=None if prefix is None else prefix.astype(bool))
+                      prefix=None if prefix is None else prefix.astype(bool), token_ids=tokens)
 
 
 def _embedder(c: cfg.DecoderConfig) -> layers.Embed:

@@ -16,7 +16,7 @@ VOCAB = 'vocab'  # token vocabulary
 LAYERS = 'layers'  # the stacked-layer axis that nn.scan adds to parameters
 RELPOS_BUCKETS = 'relpos_buckets'  # T5 relative-position buckets
 ABSPOS = 'abspos'  # rows of a learned absolute position table
-EXPERT = 'expert'  # mixture-of-experts experts (reserved for the MoE issue)
+EXPERT = 'expert'  # mixture-of-experts experts
 
 LOGICAL = (BATCH, LENGTH, EMBED, MLP, HEADS, KV_HEADS, HEAD_DIM, VOCAB, LAYERS,
            RELPOS_BUCKETS, ABSPOS, EXPERT)
@@ -25,4 +25,5 @@ LOGICAL = (BATCH, LENGTH, EMBED, MLP, HEADS, KV_HEADS, HEAD_DIM, VOCAB, LAYERS,
 DATA = 'data'  # pure data parallelism: batch split, parameters replicated
 FSDP = 'fsdp'  # ZeRO-3: batch split and parameters/optimizer state sharded
 TENSOR = 'tensor'  # Megatron-style tensor parallelism of heads, mlp and vocab
-MESH_AXES = (DATA, FSDP, TENSOR)
+EXPERT_AXIS = 'expert'  # expert parallelism: experts split, tokens exchanged all-to-all
+MESH_AXES = (DATA, FSDP, TENSOR, EXPERT_AXIS)

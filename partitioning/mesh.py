@@ -17,6 +17,8 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int,
   """Replaces a single -1 in `shape` by the number of devices left over."""
   shape = tuple(int(s) for s in shape)
   where = 'MESH_SHAPE (partitioning.mesh.create_mesh.shape)'
+  if len(shape) == len(axis_names) - 1 and tuple(axis_names[-1:]) == (ax.EXPERT_AXIS,):
+    shape = shape + (1,)  # (data, fsdp, tensor): no expert parallelism
   if len(shape) != len(axis_names):
     raise MeshError(f'mesh shape {shape} has {len(shape)} entries but the mesh '
                     f'axes are {tuple(axis_names)}: set {where} to one size per axis')
@@ -41,11 +43,12 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int,
 
 def create_mesh(shape: Sequence[int] = (-1, 1, 1),
                 devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:
-  """Creates a mesh with axes (data, fsdp, tensor).
+  """Creates a mesh with axes (data, fsdp, tensor, expert).
 
   Args:
-    shape: one size per mesh axis in `axes.MESH_AXES` order; one entry may be
-      -1, meaning "all devices left over".
+    shape: one size per mesh axis in `axes.MESH_AXES` order, or three sizes
+      (data, fsdp, tensor) for an expert axis of 1; one entry may be -1,
+      meaning "all devices left over".
     devices: the devices to use; all global devices by default.
 
   Returns:

@@ -9,11 +9,24 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from partitioning import axes as ax
+from partitioning import mesh as mesh_lib
 from partitioning import rules as rules_lib
 
 
 class BatchError(ValueError):
   """A batch that does not divide over the mesh or the hosts."""
+
+
+def mesh_axes_in_context(names: Sequence[Optional[str]], shape: Sequence[int]) -> list:
+  """Mesh axes of logical `names` under the rules and mesh in scope (tracing
+  model code under `Partitioner.context()`); None for a dimension that does not
+  divide over its mesh axes. For shard_map specs inside models."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = list(nn.logical_to_mesh_axes(names))
+  for i, (a, d) in enumerate(zip(axes, shape)):
+    if a is not None and d % _axis_size(mesh, a):
+      axes[i] = None
+  return axes
 
 
 def _axis_size(mesh: jax.sharding.Mesh, mesh_axes) -> int:
@@ -112,6 +125,15 @@ class Partitioner:
   def batch_sharding(self, ndim: int = 2) -> NamedSharding:
     return self.sharding((ax.BATCH,) + (None,) * (ndim - 1))
 
+  def check_experts(self, num_experts: int) -> None:
+    """Fails early when the experts do not split evenly over the expert axis."""
+    ep = dict(self.mesh.shape).get(ax.EXPERT_AXIS, 1)
+    if num_experts and num_experts % ep:
+      raise mesh_lib.MeshError(
+          f'num_experts={num_experts} is not divisible by the expert mesh axis of size '
+          f'{ep}: set the last entry of MESH_SHAPE (data, fsdp, tensor, expert) to a '
+          'divisor of num_experts')
+
   def check_batch_size(self, global_batch_size: int) -> None:
     """Fails early when the batch does not divide over the mesh and hosts."""
     dp = self.data_parallel_size
@@ -119,7 +141,7 @@ class Partitioner:
       raise BatchError(
           f'batch size {global_batch_size} is not divisible by the data-parallel '
           f'size {dp} (mesh {dict(self.mesh.shape)}): change '
-          'train.batch_size to a multiple of data*fsdp, or change the mesh shape')
+          'train.batch_size to a multiple of data*fsdp*expert, or change the mesh shape')
     if global_batch_size % jax.process_count():
       raise BatchError(
           f'batch size {global_batch_size} is not divisible by the '

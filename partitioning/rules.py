@@ -32,6 +32,11 @@ def standard_rules(fsdp: bool = True,
                      'standard_rules.sequence = False')
   tensor_axis = ax.TENSOR if tensor else None
   rules = [
+      # Experts claim the expert mesh axis first; everywhere else the batch
+      # is split over it too (expert parallelism doubles as data parallelism),
+      # and falls back to (data, fsdp) in arrays that also have an expert dim.
+      (ax.EXPERT, ax.EXPERT_AXIS),
+      (ax.BATCH, (ax.DATA, ax.FSDP, ax.EXPERT_AXIS)),
       (ax.BATCH, (ax.DATA, ax.FSDP)),
       (ax.EMBED, ax.FSDP if fsdp else None),
       (ax.VOCAB, tensor_axis),
@@ -43,6 +48,5 @@ def standard_rules(fsdp: bool = True,
       (ax.LAYERS, None),
       (ax.RELPOS_BUCKETS, None),
       (ax.ABSPOS, None),
-      (ax.EXPERT, None),
   ]
   return tuple(extra or ()) + tuple(rules)

@@ -32,6 +32,7 @@ from t5x_like import checkpoints
 from t5x_like import gin_utils
 from t5x_like import optimizers
 from t5x_like import trainer as trainer_lib
+from t5x_like import upcycle
 from t5x_like import utils
 from t5x_like.data import denoisers
 from t5x_like.data import mixtures
@@ -132,7 +133,8 @@ def evaluate(trainer: trainer_lib.Trainer, params, batches: List[Dict[str, np.nd
   total = jax.device_get(total)
   w = max(float(total['weight_sum']), 1.0)
   # Cross-entropy only: the z-loss term is a regulariser, not part of the likelihood.
-  loss = (float(total['loss_sum']) - float(total['z_loss_sum'])) / w
+  loss = (float(total['loss_sum']) - float(total['z_loss_sum']) -
+          float(total['moe_loss_sum'])) / w
   out = {'loss': loss, 'accuracy': float(total['correct_sum']) / w,
          'perplexity': float(math.exp(min(loss, 50.0))), 'target_tokens': float(w)}
   out.update(_finite(trainer_lib.group_metrics(total)))
@@ -169,6 +171,7 @@ def train(*,
           async_checkpointing: bool = True,
           allow_data_changes: bool = False,
           initial_checkpoint: Optional[str] = None,
+          initial_checkpoint_upcycle: bool = False,
           peak_flops: Optional[float] = None,
           tensorboard: bool = True,
           config_str: Optional[str] = None) -> Dict[str, Any]:
@@ -195,6 +198,9 @@ def train(*,
     initial_checkpoint: start from the parameters of another run (its MODEL_DIR
       or one checkpoint folder) with a fresh optimizer and data pipeline, for
       continued pretraining; ignored when MODEL_DIR has its own checkpoint.
+    initial_checkpoint_upcycle: `initial_checkpoint` is a run of the dense
+      version of this MoE model: copy each dense MLP into every expert of the
+      corresponding MoE layer (sparse upcycling, `t5x_like/upcycle.py`).
     peak_flops: the MFU denominator; measured (f32/bf16 matmul) when None.
     tensorboard: write TensorBoard event files.
     config_str: the operative gin config to write as MODEL_DIR/config.gin.
@@ -217,9 +223,18 @@ def train(*,
     pipeline.validate(eval_dataset, model)
   resume_step = checkpoints.check_compatible(model_dir, trainer.abstract_state)
   initial = None
+  if initial_checkpoint_upcycle and not initial_checkpoint:
+    raise model_config.ConfigError(
+        'train.initial_checkpoint_upcycle = True needs train.initial_checkpoint: set '
+        'INITIAL_CHECKPOINT to the dense run to upcycle')
   if initial_checkpoint and resume_step is None:
-    initial = checkpoints.check_initial_params(initial_checkpoint,
-                                               trainer.abstract_state.params)
+    if initial_checkpoint_upcycle:
+      # (directory, step, dense abstract params); shapes checked against the MoE model.
+      initial = upcycle.check_dense_checkpoint(initial_checkpoint, trainer.abstract_state.params,
+                                               model.config)
+    else:
+      initial = checkpoints.check_initial_params(initial_checkpoint,
+                                                 trainer.abstract_state.params)
 
   lengths = train_dataset.task_feature_lengths
   flops_per_step = train_dataset.batch_size * param_count.train_flops_per_example(
@@ -260,7 +275,13 @@ def train(*,
            f'{data.batches_consumed} batches')
   else:
     state = trainer.init_state()
-    if initial is not None:
+    if initial is not None and initial_checkpoint_upcycle:
+      params = upcycle.restore_upcycled(*initial, state.params, model.config, partitioner.mesh,
+                                        trainer.state_shardings.params)
+      state = state.replace(params=params)
+      _print(f'upcycled parameters from the dense run {initial[0]} step {initial[1]}: every '
+             'expert is its layer\'s dense MLP, routers fresh (fresh optimizer and data)')
+    elif initial is not None:
       params = checkpoints.restore_params(*initial, trainer.abstract_state.params)
       state = state.replace(params=params)
       _print(f'initialised parameters from {initial[0]} step {initial[1]} (fresh optimizer '

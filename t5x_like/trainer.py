@@ -75,10 +75,13 @@ def first_token_groups(batch: Mapping[str, Array], groups: Mapping[str, int]) ->
 
 
 def group_metrics(aux: Mapping[str, Array]) -> Dict[str, Array]:
-  """`loss/<group>` (cross-entropy per target token) from summed aux values; NaN
-  for a group with no target tokens in the batch."""
+  """Metrics derived from summed aux values: `loss/<group>` (cross-entropy per
+  target token; NaN for a group with no target tokens in the batch) and the
+  MoE router statistics `moe/<stat>/<layer>` (their token-weighted means)."""
   out = {}
   for key, value in aux.items():
+    if key.startswith('moe_sum/'):
+      out['moe/' + key.split('/', 1)[1]] = value / jnp.maximum(aux['weight_sum'], 1.0)
     if key.startswith('group_loss_sum/'):
       name = key.split('/', 1)[1]
       weight = aux[f'group_weight_sum/{name}']
@@ -115,6 +118,7 @@ class Trainer:
     self.num_microbatches = num_microbatches
     self.seed = seed
     partitioner.check_batch_size(batch_size)
+    partitioner.check_experts(model.config.num_experts)
     if num_microbatches < 1 or batch_size % num_microbatches:
       raise partitioner_lib.BatchError(
           f'batch size {batch_size} is not divisible by num_microbatches={num_microbatches}: '
@@ -168,7 +172,7 @@ class Trainer:
   # --- steps --------------------------------------------------------------------
   def _grads(self, params, batch, rng) -> Tuple[Any, Array, Dict[str, Array]]:
     """Summed grads, loss sum and aux sums over the microbatches of `batch`."""
-    dropout = self.model.config.dropout_rate > 0.0
+    dropout = self.model.needs_rng
 
     def one(mb, i):
       key = jax.random.fold_in(rng, i) if dropout else None
@@ -206,7 +210,8 @@ class Trainer:
     metrics = {
         'loss': loss_sum / denom,
         'z_loss': aux['z_loss_sum'] / denom,
-        'cross_entropy': (loss_sum - aux['z_loss_sum']) / denom,
+        'cross_entropy': (loss_sum - aux['z_loss_sum'] - aux['moe_loss_sum']) / denom,
+        'moe_loss': aux['moe_loss_sum'] / denom,
         'accuracy': aux['correct_sum'] / denom,
         'grad_norm': optax.tree.norm(grads),
         'learning_rate': jnp.asarray(self.optimizer.learning_rate(state.step), jnp.float32),

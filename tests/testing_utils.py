@@ -121,7 +121,6 @@ def lower_flash_attention(backend, heads, kv_heads, q_len, kv_len, head_dim, dty
   """
   from pallas_kernels.flash_attention import ops  # pylint: disable=g-import-not-at-top
   from pallas_kernels.flash_attention import reference as ref  # pylint: disable=g-import-not-at-top
-  platform = {'gpu': 'cuda', 'tpu': 'tpu'}[backend]
   q = jax.ShapeDtypeStruct((2, q_len, heads, head_dim), dtype)
   kv = jax.ShapeDtypeStruct((2, kv_len, kv_heads, head_dim), dtype)
   q_ids = jax.ShapeDtypeStruct((2, q_len), jnp.int32)
@@ -142,11 +141,20 @@ def lower_flash_attention(backend, heads, kv_heads, q_len, kv_len, head_dim, dty
     return ops.flash_attention(q, k, v, causal='causal' in features, backend=backend,
                                interpret=False, block_sizes=block_sizes, **kw)
 
-  def loss(*args):
-    return attend(*args).astype(jnp.float32).sum()
+  return lower_forward_and_grad(backend, attend, (q, kv, kv, q_ids, kv_ids, table),
+                                argnums=(0, 1, 2, 5))
 
-  args = (q, kv, kv, q_ids, kv_ids, table)
-  fwd = jax.jit(attend).trace(*args).lower(lowering_platforms=(platform,)).as_text()
-  bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 5))).trace(*args).lower(
+
+def lower_forward_and_grad(backend, fn, args, argnums):
+  """Lowers `fn(*args)` and the gradient of its f32 sum with respect to
+  `argnums` for the backend's device ('gpu': cuda, 'tpu'), on this machine:
+  (forward text, backward text). args may be jax.ShapeDtypeStructs."""
+  platform = {'gpu': 'cuda', 'tpu': 'tpu'}[backend]
+
+  def loss(*a):
+    return fn(*a).astype(jnp.float32).sum()
+
+  fwd = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  bwd = jax.jit(jax.grad(loss, argnums=argnums)).trace(*args).lower(
       lowering_platforms=(platform,)).as_text()
   return fwd, bwd

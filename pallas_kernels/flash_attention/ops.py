@@ -13,7 +13,6 @@ zeros, as the reference does.
 """
 
 import functools
-import importlib
 import math
 from typing import Optional, Union
 
@@ -21,37 +20,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import backend as backend_lib
 from pallas_kernels.flash_attention import gpu
 from pallas_kernels.flash_attention import reference
 from pallas_kernels.flash_attention import tiles
 from pallas_kernels.flash_attention.tiles import Aux, Spec
 
-BACKENDS = ('gpu', 'tpu')
 # Tests set this to lower (not run) compiled kernels on a machine without the device.
 _LOWERING_ONLY = False
-_FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-
-def _platform() -> str:
-  return jax.default_backend()
 
 
 def resolve_backend(backend: Optional[str], interpret: Optional[bool]) -> tuple[str, bool]:
   """(backend, interpret) for this process: GPU/TPU run compiled, CPU interprets."""
-  platform = _platform()
-  if backend is None:
-    backend = 'tpu' if platform == 'tpu' else 'gpu'
-  if backend not in BACKENDS:
-    raise ValueError(f'backend={backend!r} is not one of {BACKENDS} (or None: '
-                     'chosen from the default device)')
-  native = {'gpu': ('gpu', 'cuda', 'rocm'), 'tpu': ('tpu',)}[backend]
-  if interpret is None:
-    interpret = platform not in native
-  elif not interpret and platform not in native and not _LOWERING_ONLY:
-    raise ValueError(f'interpret=False needs a {backend.upper()}, but the default device '
-                     f'is {platform}: pass interpret=True (or None) to run the kernels '
-                     'in the Pallas interpreter')
-  return backend, bool(interpret)
+  return backend_lib.resolve_backend(backend, interpret, lowering_only=_LOWERING_ONLY)
 
 
 def _check_ids(name, x, batch, length):
@@ -90,7 +71,7 @@ def validate(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_positions=No
     if getattr(x, 'ndim', None) != 4:
       raise ValueError(f'{name} must be [batch, length, heads, head_dim]; got shape '
                        f'{getattr(x, "shape", None)}')
-    if x.dtype not in _FLOATS:
+    if x.dtype not in backend_lib.FLOATS:
       raise ValueError(f'{name} has dtype {x.dtype}; flash attention takes float32, '
                        'bfloat16 or float16')
   if not q.dtype == k.dtype == v.dtype:
@@ -182,8 +163,7 @@ def _pad(q, k, v, aux: Aux, spec: Spec, q_multiple: int, kv_multiple: int,
 
 
 def _module(backend):
-  # tpu.py imports Mosaic-only pieces; load it only when asked for.
-  return importlib.import_module(f'pallas_kernels.flash_attention.{backend}')
+  return backend_lib.load('pallas_kernels.flash_attention.{}', backend)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))

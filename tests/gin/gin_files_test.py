@@ -21,6 +21,7 @@ PUBLISHED = {
     'bloom/560m.gin': 559_214_592,  # bigscience/bloom-560m
     'llama/1b.gin': 1_100_048_384,  # TinyLlama-1.1B
     'llama/7b.gin': 6_738_415_616,  # Llama-2-7b
+    'mixtral/8x7b.gin': 46_702_792_704,  # mistralai/Mixtral-8x7B-v0.1
 }
 
 

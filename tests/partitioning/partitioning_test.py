@@ -17,9 +17,23 @@ import testing_utils as tu
 
 
 def test_mesh_shape_resolution():
-  assert mesh_lib.resolve_mesh_shape((-1, 1, 1), 8) == (8, 1, 1)
-  assert mesh_lib.resolve_mesh_shape((2, -1, 2), 8) == (2, 2, 2)
-  assert dict(mesh_lib.create_mesh((1, 2, 4)).shape) == {'data': 1, 'fsdp': 2, 'tensor': 4}
+  # Three sizes are (data, fsdp, tensor) with no expert parallelism.
+  assert mesh_lib.resolve_mesh_shape((-1, 1, 1), 8) == (8, 1, 1, 1)
+  assert mesh_lib.resolve_mesh_shape((2, -1, 2), 8) == (2, 2, 2, 1)
+  assert mesh_lib.resolve_mesh_shape((1, 2, 1, -1), 8) == (1, 2, 1, 4)
+  assert dict(mesh_lib.create_mesh((1, 2, 4)).shape) == {'data': 1, 'fsdp': 2, 'tensor': 4,
+                                                         'expert': 1}
+
+
+def test_experts_must_divide_the_expert_axis():
+  part = partitioner_lib.Partitioner(mesh_lib.create_mesh((1, 1, 2, 4)))
+  part.check_experts(8)
+  part.check_experts(0)  # a dense model: the expert axis is data parallelism
+  with pytest.raises(mesh_lib.MeshError, match='num_experts=6 is not divisible by the expert '
+                     'mesh axis of size 4'):
+    part.check_experts(6)
+  # Batches split over data * fsdp * expert.
+  assert part.data_parallel_size == 4
 
 
 @pytest.mark.parametrize('shape,msg', [
@@ -27,6 +41,7 @@ def test_mesh_shape_resolution():
     ((3, -1, 1), 'not divisible by 3'),
     ((-1, -1, 1), 'more than one -1'),
     ((8, 1), 'has 2 entries'),
+    ((8, 1, 1, 1, 1), 'has 5 entries'),
 ])
 def test_bad_mesh_shapes_fail_clearly(shape, msg):
   with pytest.raises(mesh_lib.MeshError, match=msg):
@@ -64,8 +79,14 @@ def test_spec_replicates_dimensions_that_do_not_divide():
   p = partitioner_lib.Partitioner(mesh_lib.create_mesh((1, 2, 4)))
   assert p.spec((ax.EMBED, ax.HEADS, ax.HEAD_DIM), (32, 8, 16)) == P('fsdp', 'tensor', None)
   assert p.spec((ax.EMBED, ax.HEADS, ax.HEAD_DIM), (32, 2, 16)) == P('fsdp', None, None)
-  # activations: batch takes fsdp first, so embed is not sharded twice
-  assert p.spec((ax.BATCH, ax.LENGTH, ax.EMBED)) == P(('data', 'fsdp'), None, None)
+  # activations: batch takes fsdp first, so embed is not sharded twice; the
+  # batch is split over the expert axis too (size 1 here)
+  assert p.spec((ax.BATCH, ax.LENGTH, ax.EMBED)) == P(('data', 'fsdp', 'expert'), None, None)
+  # expert weights take the expert axis; in expert-major activations the batch
+  # falls back to (data, fsdp)
+  assert p.spec((ax.EXPERT, ax.EMBED, ax.MLP), (8, 32, 64)) == P('expert', 'fsdp', 'tensor')
+  assert p.spec((ax.EXPERT, ax.BATCH, None, ax.EMBED)) == P('expert', ('data', 'fsdp'), None,
+                                                            None)
 
 
 def test_adafactor_factored_state_follows_parameter_sharding():

@@ -1,0 +1,345 @@
+"""Mixture-of-experts feed-forward block: a drop-in for `layers.MlpBlock`.
+
+Routers (`cfg.RouterKind`):
+  token_choice   every token picks its top-k experts (k = 1 Switch, 2 GLaM/Mixtral);
+  expert_choice  every expert picks its top-`capacity` tokens of a sequence
+                 (Zhou et al., 2022): each expert is exactly full;
+  hash           a fixed hash of the token id picks one expert (PanGu-Sigma's
+                 random routing, Roller et al.'s hash layers): no router weights.
+Execution (`cfg.MoeImpl`):
+  capacity    Switch/GShard dispatch: per sequence, each expert takes at most
+              `capacity` = ceil(k * length * capacity_factor / experts) tokens
+              (first choices before second choices, earlier tokens first); the
+              rest are dropped (their expert output is 0). Dense einsums.
+  dropless    every choice is computed: tokens are sorted by expert and run
+              through the Pallas grouped matmul (`moe_routing.gmm_ops`).
+  ragged_dot  dropless through XLA's `jax.lax.ragged_dot`.
+Shared experts (DeepSeek) are a dense MLP every token also goes through.
+
+Router statistics are sown into the `moe` collection (one entry per MoE
+layer): `load_balance_loss` (Switch: experts * sum_e f_e P_e), `router_z_loss`
+(ST-MoE: mean logsumexp^2), `dropped_fraction` and `expert_load` (the largest
+f_e * experts; 1.0 is perfect balance). The model adds the weighted losses.
+"""
+
+import functools
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models import config as cfg
+from models import layers
+from pallas_kernels.moe_routing import reference as routing
+from partitioning import axes as ax
+from partitioning import partitioner
+
+Array = jax.Array
+
+MOE_COLLECTION = 'moe'
+_ACTIVATIONS = {cfg.MlpKind.RELU: jax.nn.relu, cfg.MlpKind.GELU: jax.nn.gelu,
+                cfg.MlpKind.SWIGLU: jax.nn.silu, cfg.MlpKind.GEGLU: jax.nn.gelu}
+
+
+def expert_capacity(length: int, k: int, num_experts: int, capacity_factor: float) -> int:
+  """Slots per expert per sequence: ceil(k * length * factor / experts), at most length."""
+  return max(1, min(length, math.ceil(k * length * capacity_factor / num_experts)))
+
+
+def hash_experts(token_ids: Array, num_experts: int) -> Array:
+  """A fixed pseudo-random expert per token id (Knuth's multiplicative hash)."""
+  h = token_ids.astype(jnp.uint32) * jnp.uint32(2654435761)
+  return ((h >> 16) % jnp.uint32(num_experts)).astype(jnp.int32)
+
+
+def collect_stats(collection) -> dict:
+  """The sown `moe` collection -> name -> [num_moe_layers] f32, in layer order.
+
+  Scanned stacks sow one [num_scanned] array per MoE position of the scan unit;
+  unrolled stacks one scalar per layer. Flax keeps module names in call order
+  within a scope, so walking the tree in insertion order is layer order, with
+  the encoder (called first) before the decoder.
+  """
+  out = {}
+
+  def walk(tree):
+    for key, value in tree.items():
+      if isinstance(value, tuple):  # sow's container
+        out.setdefault(key, []).extend(jnp.atleast_1d(v) for v in value)
+      else:
+        walk(value)
+  walk(collection)
+  return {k: jnp.concatenate(v) for k, v in out.items()}
+
+
+def expert_choice_dispatch(probs: Array, capacity: int):
+  """Each expert's top-`capacity` tokens of each sequence (Zhou et al., 2022).
+
+  Args:
+    probs: [batch, length, expert] router probabilities.
+    capacity: tokens per expert per sequence (<= length).
+
+  Returns:
+    dispatch [batch, expert, capacity, length] one-hot f32 (every expert
+    exactly full, with distinct tokens) and gates [batch, expert, capacity].
+  """
+  gates, idx = jax.lax.top_k(jnp.swapaxes(probs, 1, 2), capacity)
+  return _one_hot(idx, probs.shape[1], jnp.float32), gates
+
+
+def _one_hot(idx, n, dtype):
+  return jax.nn.one_hot(idx, n, dtype=dtype)
+
+
+class MoeBlock(nn.Module):
+  """[batch, length, embed] -> [batch, length, embed] through routed experts.
+
+  Parameters: router/kernel [embed, expert] (absent for hash routing);
+  expert weights wi_0, wi_1 [expert, embed, mlp] (gated kinds) or wi, and
+  wo [expert, mlp, embed]; shared_mlp (a `layers.MlpBlock`) when
+  num_shared_experts > 0.
+  """
+  num_experts: int
+  num_selected: int
+  mlp_dim: int
+  kind: cfg.MlpKind = cfg.MlpKind.SWIGLU
+  router: cfg.RouterKind = cfg.RouterKind.TOKEN_CHOICE
+  impl: cfg.MoeImpl = cfg.MoeImpl.CAPACITY
+  capacity_factor: float = 1.25
+  renormalize: bool = True
+  router_jitter: float = 0.0
+  num_shared_experts: int = 0
+  use_bias: bool = False
+  deterministic: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  init_scale: float = 1.0
+
+  def _expert_weights(self, emb: int):
+    def init(key, shape, dtype):
+      # Each expert is initialised like a dense layer of fan-in shape[1].
+      keys = jax.random.split(key, shape[0])
+      one = lambda k: layers.default_kernel_init(k, shape[1:], dtype) * self.init_scale
+      return jax.vmap(one)(keys).astype(dtype)
+    param = lambda name, shape, names: jnp.asarray(self.param(
+        name, nn.with_logical_partitioning(init, names), shape, self.param_dtype), self.dtype)
+    e, m = self.num_experts, self.mlp_dim
+    names_in, names_out = (ax.EXPERT, ax.EMBED, ax.MLP), (ax.EXPERT, ax.MLP, ax.EMBED)
+    if self.kind.gated:
+      wi = (param('wi_0', (e, emb, m), names_in), param('wi_1', (e, emb, m), names_in))
+    else:
+      wi = (param('wi', (e, emb, m), names_in),)
+    return wi, param('wo', (e, m, emb), names_out)
+
+  def _router_logits(self, x: Array) -> Array:
+    """[batch, length, expert] f32; computed in f32 for stable softmax (Switch)."""
+    x = x.astype(jnp.float32)
+    if self.router_jitter > 0.0 and not self.deterministic:
+      noise = jax.random.uniform(self.make_rng('dropout'), x.shape, jnp.float32,
+                                 1.0 - self.router_jitter, 1.0 + self.router_jitter)
+      x = x * noise
+    kernel = self.param('router', nn.with_logical_partitioning(
+        nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal'),
+        (ax.EMBED, ax.EXPERT)), (x.shape[-1], self.num_experts), self.param_dtype)
+    logits = jnp.einsum('bld,de->ble', x, jnp.asarray(kernel, jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST)
+    return nn.with_logical_constraint(logits, (ax.BATCH, ax.LENGTH, ax.EXPERT))
+
+  @nn.compact
+  def __call__(self, x: Array, token_ids: Optional[Array] = None) -> Array:
+    batch, length, emb = x.shape
+    e, k = self.num_experts, self.num_selected
+    wi, wo = self._expert_weights(emb)
+    act = _ACTIVATIONS[self.kind]
+    x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.EMBED))
+
+    if self.router == cfg.RouterKind.HASH:
+      if token_ids is None:
+        raise ValueError('hash routing needs the token ids: pass token_ids')
+      experts = hash_experts(token_ids, e)[..., None]  # [batch, length, 1]
+      weights = jnp.ones(experts.shape, jnp.float32)
+      probs = _one_hot(experts[..., 0], e, jnp.float32)
+      z_loss = jnp.zeros((), jnp.float32)
+    else:
+      logits = self._router_logits(x)  # [batch, length, expert]
+      probs = jax.nn.softmax(logits, axis=-1)
+      z_loss = jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
+      if self.router == cfg.RouterKind.TOKEN_CHOICE:
+        weights, experts = routing.top_k_gating(logits.reshape(-1, e), k, self.renormalize)
+        weights, experts = weights.reshape(batch, length, k), experts.reshape(batch, length, k)
+
+    if self.router == cfg.RouterKind.EXPERT_CHOICE:
+      out, stats = self._expert_choice(x, probs, wi, wo, act)
+    else:
+      chosen = _one_hot(experts, e, jnp.float32).sum(axis=2)  # [batch, length, expert]
+      fraction = jnp.mean(chosen, axis=(0, 1)) / experts.shape[-1]  # f_e, sums to 1
+      stats = dict(load_balance_loss=e * jnp.sum(fraction * jnp.mean(probs, axis=(0, 1))),
+                   expert_load=jnp.max(fraction) * e)
+      if self.impl == cfg.MoeImpl.CAPACITY:
+        out, dropped = self._capacity(x, weights, experts, wi, wo, act)
+      else:
+        out, dropped = self._dropless(x, weights, experts, wi, wo, act), jnp.zeros(())
+      stats['dropped_fraction'] = dropped
+    stats['router_z_loss'] = z_loss
+    if self.router == cfg.RouterKind.HASH:
+      stats['load_balance_loss'] = jnp.zeros((), jnp.float32)  # fixed routing: nothing to learn
+    for name, value in stats.items():
+      self.sow(MOE_COLLECTION, name, jnp.asarray(value, jnp.float32))
+
+    if self.num_shared_experts:
+      out = out + layers.MlpBlock(
+          self.mlp_dim * self.num_shared_experts, self.kind, use_bias=self.use_bias,
+          deterministic=self.deterministic, dtype=self.dtype, param_dtype=self.param_dtype,
+          init_scale=self.init_scale, name='shared_mlp')(x)
+    return nn.with_logical_constraint(out.astype(self.dtype), (ax.BATCH, ax.LENGTH, ax.EMBED))
+
+  # --- execution ------------------------------------------------------------------------
+  def _capacity(self, x, weights, experts, wi, wo, act):
+    """Switch/GShard dispatch with a per-sequence capacity; returns (out, dropped fraction)."""
+    batch, length, emb = x.shape
+    e, k = self.num_experts, experts.shape[-1]
+    cap = expert_capacity(length, k, e, self.capacity_factor)
+    mask = _one_hot(experts, e, jnp.int32)  # [batch, length, k, expert]
+    # Slot of each choice in its expert's buffer: first choices of every token
+    # come before second choices (GShard's priority), then token order.
+    by_choice = jnp.swapaxes(mask, 1, 2).reshape(batch, k * length, e)
+    slot = jnp.cumsum(by_choice, axis=1) - 1
+    slot = jnp.swapaxes(slot.reshape(batch, k, length, e), 1, 2)  # [batch, length, k, expert]
+    keep = mask * (slot < cap)
+    slot_1h = _one_hot(jnp.sum(slot * keep, axis=-1), cap, jnp.float32)  # [b, l, k, cap]
+    keep_any = jnp.sum(keep, axis=-1).astype(jnp.float32)  # [batch, length, k]
+    dispatch = jnp.einsum('blke,blkc->blec', keep.astype(jnp.float32),
+                          slot_1h * keep_any[..., None])  # [batch, length, expert, cap]
+    combine = jnp.einsum('blke,blkc->blec', keep.astype(jnp.float32),
+                         slot_1h * (keep_any * weights)[..., None])
+    dropped = 1.0 - jnp.sum(keep) / jnp.maximum(jnp.sum(mask), 1)
+    return self._run_slots(x, dispatch, combine, wi, wo, act), dropped
+
+  def _expert_choice(self, x, probs, wi, wo, act):
+    """Each expert takes its top-`capacity` tokens of each sequence by router probability."""
+    length = x.shape[1]
+    cap = expert_capacity(length, self.num_selected, self.num_experts, self.capacity_factor)
+    dispatch, gates = expert_choice_dispatch(probs, cap)  # [batch, expert, cap, length]
+    dispatch = jnp.transpose(dispatch, (0, 3, 1, 2))  # [batch, length, expert, cap]
+    combine = dispatch * gates[:, None]
+    out = self._run_slots(x, dispatch, combine, wi, wo, act)
+    chosen = jnp.sum(dispatch, axis=(2, 3))  # [batch, length]: experts per token
+    stats = dict(load_balance_loss=jnp.zeros((), jnp.float32),  # balanced by construction
+                 expert_load=jnp.ones((), jnp.float32),
+                 dropped_fraction=jnp.mean((chosen == 0).astype(jnp.float32)))
+    return out, stats
+
+  def _run_slots(self, x, dispatch, combine, wi, wo, act):
+    """Experts over fixed slots: dispatch/combine [batch, length, expert, cap].
+
+    Without an expert mesh axis the einsums are left to XLA's partitioner.
+    With one, each device builds its tokens' slots for every expert and one
+    all-to-all over the expert axis brings each expert's slots to the device
+    holding that expert (GShard); a second all-to-all brings the outputs back.
+    """
+    ep, batch_axes, mlp_axis = _expert_parallelism(x.shape, wi[0].shape)
+    dtype = self.dtype
+    if not ep:
+      h = jnp.einsum('blec,bld->ebcd', dispatch.astype(dtype), x)  # [expert, b, cap, embed]
+      h = nn.with_logical_constraint(h, (ax.EXPERT, ax.BATCH, None, ax.EMBED))
+      y = _experts_on_slots(h, wi, wo, act)
+      y = nn.with_logical_constraint(y, (ax.EXPERT, ax.BATCH, None, ax.EMBED))
+      return jnp.einsum('blec,ebcd->bld', combine.astype(dtype), y)
+
+    def local(x, dispatch, combine, wi, wo):
+      h = jnp.einsum('blec,bld->ebcd', dispatch.astype(dtype), x)  # [expert, b_local, cap, d]
+      h = jax.lax.all_to_all(h, ax.EXPERT_AXIS, 0, 1, tiled=True)  # [expert/ep, b*ep, cap, d]
+      y = _experts_on_slots(h, wi, wo, act)
+      if mlp_axis is not None:  # the mlp dim is split: partial sums
+        y = jax.lax.psum(y, mlp_axis)
+      y = jax.lax.all_to_all(y, ax.EXPERT_AXIS, 1, 0, tiled=True)  # [expert, b_local, cap, d]
+      return jnp.einsum('blec,ebcd->bld', combine.astype(dtype), y)
+
+    P = jax.sharding.PartitionSpec
+    rows, slots = P(batch_axes, None, None), P(batch_axes, None, None, None)
+    w_in, w_out = P(ax.EXPERT_AXIS, None, mlp_axis), P(ax.EXPERT_AXIS, mlp_axis, None)
+    return jax.shard_map(local, in_specs=(rows, slots, slots, (w_in,) * len(wi), w_out),
+                         out_specs=rows, check_vma=False)(x, dispatch, combine, wi, wo)
+
+  def _dropless(self, x, weights, experts, wi, wo, act):
+    """Every choice computed: sort token copies by expert, grouped matmuls, un-sort.
+
+    With an expert mesh axis, each device gathers the routing of its expert
+    group's tokens, runs only its own experts (their rows sorted first), and a
+    reduce-scatter returns every token's sum to the device that holds it.
+    """
+    batch, length, emb = x.shape
+    e = self.num_experts
+    gmm = _grouped_matmul(self.impl)
+    dtype = self.dtype
+    ep, batch_axes, mlp_axis = _expert_parallelism(
+        x.shape, wi[0].shape, always=self.impl == cfg.MoeImpl.DROPLESS)
+
+    def run(x, weights, experts, wi, wo, first_expert, local_experts):
+      tokens = x.reshape(-1, emb)
+      # Local experts first: their rows lead the sorted order, the rest trail
+      # past sum(group_sizes) where the grouped matmul leaves zeros.
+      shifted = (experts.reshape(tokens.shape[0], -1) - first_expert) % e
+      rows, order, group_sizes = routing.permute(tokens, shifted, e)
+      group_sizes = group_sizes[:local_experts]
+      a = act(gmm(rows, wi[0], group_sizes))
+      if len(wi) == 2:
+        a = a * gmm(rows, wi[1], group_sizes)
+      y = gmm(a.astype(dtype), wo, group_sizes).astype(dtype)
+      if mlp_axis is not None:
+        y = jax.lax.psum(y, mlp_axis)
+      return routing.unpermute(y, order, weights.reshape(tokens.shape[0], -1))
+
+    if not ep:
+      return run(x, weights, experts, wi, wo, 0, e).reshape(batch, length, emb)
+
+    def local(x, weights, experts, wi, wo):
+      b_local = x.shape[0]
+      gather = lambda a: jax.lax.all_gather(a, ax.EXPERT_AXIS, axis=0, tiled=True)
+      first = jax.lax.axis_index(ax.EXPERT_AXIS) * (e // ep)
+      out = run(gather(x), gather(weights), gather(experts), wi, wo, first, e // ep)
+      out = jax.lax.psum_scatter(out, ax.EXPERT_AXIS, scatter_dimension=0, tiled=True)
+      return out.reshape(b_local, length, emb)
+
+    P = jax.sharding.PartitionSpec
+    rows = P(batch_axes, None, None)
+    w_in, w_out = P(ax.EXPERT_AXIS, None, mlp_axis), P(ax.EXPERT_AXIS, mlp_axis, None)
+    return jax.shard_map(local, in_specs=(rows, rows, rows, (w_in,) * len(wi), w_out),
+                         out_specs=rows, check_vma=False)(x, weights, experts, wi, wo)
+
+
+def _experts_on_slots(h: Array, wi, wo, act) -> Array:
+  """h [expert, batch, cap, embed] through each expert's MLP -> same shape."""
+  a = act(jnp.einsum('ebcd,edm->ebcm', h, wi[0]))
+  if len(wi) == 2:
+    a = a * jnp.einsum('ebcd,edm->ebcm', h, wi[1])
+  return jnp.einsum('ebcm,emd->ebcd', a, wo)
+
+
+def _expert_parallelism(x_shape, wi_shape, always: bool = False):
+  """(expert-axis size, mesh axes of the batch, mesh axis of the mlp dim) in scope.
+
+  Size 0 means: no shard_map, XLA partitions the computation itself. That is
+  the case without a mesh, and with an expert axis of 1 unless `always` (the
+  Pallas grouped matmul has no partitioning rule, so it always runs per device).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or (
+      not always and dict(mesh.shape).get(ax.EXPERT_AXIS, 1) == 1):
+    return 0, None, None
+  batch_axes = partitioner.mesh_axes_in_context((ax.BATCH, ax.LENGTH, ax.EMBED), x_shape)[0]
+  mlp_axis = partitioner.mesh_axes_in_context((ax.EXPERT, ax.EMBED, ax.MLP), wi_shape)[2]
+  return dict(mesh.shape)[ax.EXPERT_AXIS], batch_axes, mlp_axis
+
+
+def _grouped_matmul(impl: cfg.MoeImpl):
+  """(rows [m, k], weights [experts, k, n], group_sizes [experts]) -> [m, n]."""
+  match impl:
+    case cfg.MoeImpl.RAGGED_DOT:
+      return functools.partial(jax.lax.ragged_dot, preferred_element_type=None)
+    case cfg.MoeImpl.DROPLESS:
+      from pallas_kernels.moe_routing import gmm_ops  # pylint: disable=g-import-not-at-top
+      return gmm_ops.gmm
+  raise NotImplementedError(impl)

@@ -1,0 +1,232 @@
+"""Grouped matmuls for GPUs: Pallas kernels lowered through Triton.
+
+`gmm`: a grid over (row tile, output-column tile). Group boundaries need not
+fall on row tiles, so one row tile may hold rows of several groups: its
+program loops over exactly the groups that meet the tile (a range precomputed
+per tile from the group offsets), multiplies the whole tile by each group's
+weights, and keeps each product only in that group's rows. Every output tile
+is written once, by one program, so a tile split between groups needs neither
+atomics nor masked stores; rows in no group (past sum(group_sizes), or
+padding) keep the zeros they start with. Empty groups meet no tile, or run an
+empty k loop.
+
+`tgmm`: a grid over (group, lhs-column tile, dout-column tile). Each program
+walks the row tiles its group spans, zeroing the rows of other groups in both
+operands before the contraction over rows; an empty group walks none and
+writes zeros.
+
+Arrays arrive from `gmm_ops.py` padded to whole tiles, with the int32 group
+offsets [num_groups + 1] of `gmm_reference.group_offsets` (cut at the real m).
+"""
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_TN = (((0,), (0,)), ((), ()))  # a.T @ b
+
+
+def _next_power_of_2(n: int) -> int:
+  return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tiles of rows (tm), of the contraction (tk) and of output columns (tn).
+
+  Powers of 2 of at least 16 (Triton's dot). For `tgmm` tm tiles the
+  contraction (rows), tk the lhs columns and tn the dout columns.
+  """
+  tm: int = 64
+  tk: int = 64
+  tn: int = 128
+  num_warps: Optional[int] = None  # None: 4, or 8 for tiles of 128 x 128 and more
+  num_stages: int = 3
+
+  def __post_init__(self):
+    for f in ('tm', 'tk', 'tn'):
+      b = getattr(self, f)
+      if not isinstance(b, int) or b < 16 or b & (b - 1):
+        raise ValueError(f'BlockSizes.{f}={b!r} must be a power of 2 of at least 16 '
+                         '(Triton tiles)')
+    if self.num_warps is not None and (self.num_warps < 1 or self.num_warps & (self.num_warps - 1)):
+      raise ValueError(f'BlockSizes.num_warps={self.num_warps!r} must be a power of 2')
+    if self.num_stages < 1:
+      raise ValueError(f'BlockSizes.num_stages={self.num_stages!r} must be positive')
+
+  @classmethod
+  def default(cls, dtype) -> 'BlockSizes':
+    # Small row tiles: a tile split between groups is multiplied once per
+    # group, so tm bounds the waste (num_groups * tm rows at most). f32 tiles
+    # take twice the shared memory per element: half the contraction tile.
+    if jnp.dtype(dtype) == jnp.float32:
+      return cls(tm=64, tk=32, tn=128)
+    return cls(tm=64, tk=64, tn=128)
+
+  def clipped(self, m: int, k: int, n: int) -> 'BlockSizes':
+    """Tiles no larger than the (power-of-2 rounded) dimensions."""
+    fit = lambda t, d: min(t, max(16, _next_power_of_2(d)))
+    return dataclasses.replace(self, tm=fit(self.tm, m), tk=fit(self.tk, k),
+                               tn=fit(self.tn, n))
+
+  def swapped(self) -> 'BlockSizes':
+    """The tiles of the problem whose contraction and output columns trade
+    places (gmm's lhs gradient; tgmm with its operands swapped)."""
+    return dataclasses.replace(self, tk=self.tn, tn=self.tk)
+
+  def params(self) -> plgpu.CompilerParams:
+    warps = self.num_warps or (8 if self.tm * self.tn >= 128 * 128 else 4)
+    return plgpu.CompilerParams(num_warps=warps, num_stages=self.num_stages)
+
+
+def _operands(a, b):
+  """Both operands in their common dtype, and its matmul precision."""
+  dtype = jnp.promote_types(a.dtype, b.dtype)
+  # f32 gets exact f32 products (IEEE, not TF32), so f32 matches the reference.
+  precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
+  return a.astype(dtype), b.astype(dtype), precision
+
+
+def _dot(a, b, dims):
+  a, b, precision = _operands(a, b)
+  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _tile_groups(offsets: jax.Array, m: int, tm: int):
+  """First and one-past-last group meeting each row tile: int32 [m // tm] each.
+
+  Groups lo..hi-1 are those with start < tile end and end > tile start; empty
+  groups between them are in the range too (they cost an empty loop).
+  """
+  tile_starts = jnp.arange(0, m, tm, dtype=jnp.int32)  # [tiles_m]
+  lo = jnp.searchsorted(offsets[1:], tile_starts, side='right')  # first group ending after
+  hi = jnp.searchsorted(offsets[:-1], tile_starts + tm, side='left')  # groups starting before
+  return lo.astype(jnp.int32), jnp.maximum(lo, hi).astype(jnp.int32)
+
+
+# -------------------------------------------------------------------- gmm
+
+
+def _gmm_kernel(offsets_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref, *, tm: int, tk: int,
+                tn: int, transpose_rhs: bool):
+  i = pl.program_id(0)
+  nk = lhs_ref.shape[1] // tk
+  rows = i * tm + jnp.arange(tm, dtype=jnp.int32)[:, None]  # [tm, 1]
+
+  def group(g, acc):
+    start, end = offsets_ref[g], offsets_ref[g + 1]
+
+    def k_step(kk, part):
+      ks = pl.ds(pl.multiple_of(kk * tk, tk), tk)
+      a = lhs_ref[:, ks]  # [tm, tk]
+      if transpose_rhs:
+        return part + _dot(a, rhs_ref[g, :, ks], _NT)  # rhs tile [tn, tk]
+      return part + _dot(a, rhs_ref[g, ks, :], _NN)  # rhs tile [tk, tn]
+
+    part = lax.fori_loop(0, jnp.where(end > start, nk, 0), k_step,
+                         jnp.zeros((tm, tn), jnp.float32))
+    # Rows are independent in a @ b: keeping this group's rows of the whole
+    # tile's product is exact, and cheaper than masking every lhs tile.
+    return jnp.where((rows >= start) & (rows < end), part, acc)
+
+  acc = lax.fori_loop(lo_ref[i], hi_ref[i], group, jnp.zeros((tm, tn), jnp.float32))
+  out_ref[...] = acc.astype(out_ref.dtype)
+
+
+def gmm(lhs: jax.Array, rhs: jax.Array, offsets: jax.Array, bs: BlockSizes, *,
+        transpose_rhs: bool = False, out_dtype=None, interpret: bool = False) -> jax.Array:
+  """Grouped matmul out[rows of g] = lhs[rows of g] @ rhs[g].
+
+  Args:
+    lhs: [m, k], m and k whole multiples of bs.tm and bs.tk.
+    rhs: [num_groups, k, n] ([num_groups, n, k] with transpose_rhs), n a
+      whole multiple of bs.tn.
+    offsets: int32 [num_groups + 1], group g owns rows [offsets[g], offsets[g + 1]).
+    bs: tile sizes.
+    transpose_rhs: multiply by rhs[g].T.
+    out_dtype: output dtype (None: lhs's).
+    interpret: run in the Pallas interpreter instead of compiling.
+
+  Returns:
+    [m, n]; rows in no group are zero.
+  """
+  m, k = lhs.shape
+  num_groups = rhs.shape[0]
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  tm, tk, tn = bs.tm, bs.tk, bs.tn
+  lo, hi = _tile_groups(offsets, m, tm)
+  if transpose_rhs:
+    rhs_spec = pl.BlockSpec((num_groups, tn, k), lambda i, j: (0, j, 0))
+  else:
+    rhs_spec = pl.BlockSpec((num_groups, k, tn), lambda i, j: (0, 0, j))
+  whole = lambda x: pl.BlockSpec(x.shape, lambda i, j: (0,))
+  return pl.pallas_call(
+      functools.partial(_gmm_kernel, tm=tm, tk=tk, tn=tn, transpose_rhs=transpose_rhs),
+      grid=(m // tm, n // tn),
+      in_specs=[whole(offsets), whole(lo), whole(hi),
+                pl.BlockSpec((tm, k), lambda i, j: (i, 0)), rhs_spec],
+      out_specs=pl.BlockSpec((tm, tn), lambda i, j: (i, j)),
+      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype or lhs.dtype),
+      compiler_params=bs.params(), interpret=interpret, name='moe_gmm',
+  )(offsets, lo, hi, lhs, rhs)
+
+
+# ------------------------------------------------------------------- tgmm
+
+
+def _tgmm_kernel(offsets_ref, lhs_ref, dout_ref, out_ref, *, tm: int, tk: int, tn: int):
+  g = pl.program_id(0)
+  start, end = offsets_ref[g], offsets_ref[g + 1]
+  first = lax.div(start, tm)  # offsets are >= 0: no floor-division sign fix-up
+  last = jnp.where(end > start, lax.div(end + tm - 1, tm), first)
+
+  def m_step(t, acc):
+    rs = pl.ds(pl.multiple_of(t * tm, tm), tm)
+    rows = t * tm + jnp.arange(tm, dtype=jnp.int32)[:, None]  # [tm, 1]
+    in_group = (rows >= start) & (rows < end)
+    # Both sides zeroed (by select, not a 0/1 product): rows of other groups
+    # may hold inf or nan, and 0 * inf would leak into this group's sums.
+    a = jnp.where(in_group, lhs_ref[rs, :], 0)  # [tm, tk]
+    b = jnp.where(in_group, dout_ref[rs, :], 0)  # [tm, tn]
+    return acc + _dot(a, b, _TN)
+
+  acc = lax.fori_loop(first, last, m_step, jnp.zeros((tk, tn), jnp.float32))
+  out_ref[...] = acc.astype(out_ref.dtype)
+
+
+def tgmm(lhs: jax.Array, dout: jax.Array, offsets: jax.Array, bs: BlockSizes, *,
+         out_dtype=None, interpret: bool = False) -> jax.Array:
+  """Transposed grouped matmul out[g] = lhs[rows of g].T @ dout[rows of g].
+
+  Args:
+    lhs: [m, k]; dout: [m, n]; m, k and n whole multiples of bs.tm, bs.tk, bs.tn.
+    offsets: int32 [num_groups + 1], group g owns rows [offsets[g], offsets[g + 1]).
+    bs: tile sizes (tm tiles the contracted rows).
+    out_dtype: output dtype (None: lhs's).
+    interpret: run in the Pallas interpreter instead of compiling.
+
+  Returns:
+    [num_groups, k, n]; zeros for an empty group.
+  """
+  m, k = lhs.shape
+  n = dout.shape[1]
+  num_groups = offsets.shape[0] - 1
+  tm, tk, tn = bs.tm, bs.tk, bs.tn
+  return pl.pallas_call(
+      functools.partial(_tgmm_kernel, tm=tm, tk=tk, tn=tn),
+      grid=(num_groups, k // tk, n // tn),
+      in_specs=[pl.BlockSpec(offsets.shape, lambda g, a, b: (0,)),
+                pl.BlockSpec((m, tk), lambda g, a, b: (0, a)),
+                pl.BlockSpec((m, tn), lambda g, a, b: (0, b))],
+      out_specs=pl.BlockSpec((None, tk, tn), lambda g, a, b: (g, a, b)),
+      out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype or lhs.dtype),
+      compiler_params=bs.params(), interpret=interpret, name='moe_tgmm',
+  )(offsets, lhs, dout)
