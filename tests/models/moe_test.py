@@ -292,3 +292,24 @@ def test_expert_parallel_equals_single_device(mixtral_like, impl, mesh):
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(gg), jax.tree.leaves(wg)):
     diff = float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
     assert diff <= 1e-5 * float(np.max(np.abs(b))) + 1e-8, jax.tree_util.keystr(path)
+
+
+def test_expert_weights_and_optimizer_state_are_split_over_the_expert_axis():
+  from partitioning import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from partitioning import partitioner as partitioner_lib  # pylint: disable=g-import-not-at-top
+  from t5x_like import optimizers  # pylint: disable=g-import-not-at-top
+  from t5x_like import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  model = model_lib.DecoderOnlyModel(tu.tiny_decoder(num_experts=8, num_experts_per_token=2))
+  batch = tu.random_batch(model, 8, {'targets': 16})
+  part = partitioner_lib.Partitioner(mesh_lib.create_mesh((1, 2, 1, 4)))
+  trainer = trainer_lib.Trainer(model, optimizers.adamw(1e-3), part,
+                                {k: v.shape for k, v in batch.items()})
+  shardings = trainer.state_shardings
+  expert_leaves = 0
+  for tree in (shardings.params, shardings.opt_state):
+    for path, s in jax.tree_util.tree_leaves_with_path(tree):
+      name = jax.tree_util.keystr(path)
+      if '/moe/' in name.replace("']['", '/') and any(w in name for w in ('wi_0', 'wi_1', 'wo')):
+        assert s.spec[1] == 'expert', (name, s.spec)  # [layers, expert, ...]
+        expert_leaves += 1
+  assert expert_leaves >= 6  # params and both Adam moments of wi_0, wi_1, wo
