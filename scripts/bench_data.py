@@ -62,7 +62,6 @@ CONSUMER_BATCH, CONSUMER_LENGTH = 16, 256
 # x86_64 CPU development machine (2026-11-25): 1511 ms per 16 x 256 step.
 DEFAULT_CONSUMER_TOKENS_PER_S = 2711.0
 RESULT_PREFIX = 'BENCH_DATA_RESULT '
-EXTRA_IDS = 100
 
 
 def _lengths(text: str):
@@ -131,27 +130,23 @@ def run_t5(args) -> dict:
   except ImportError as e:
     return {'error': f't5 not importable under {sys.executable} ({e}): create the benchmark '
                      f'venv with: {VENV_COMMANDS}'}
-  import functools  # pylint: disable=g-import-not-at-top
   import seqio  # pylint: disable=g-import-not-at-top
   from t5x_like import gin_utils  # pylint: disable=g-import-not-at-top
   from t5x_like.data import corpus  # pylint: disable=g-import-not-at-top
   from t5x_like.data import pipeline  # pylint: disable=g-import-not-at-top
+  from t5x_like.data import registry  # pylint: disable=g-import-not-at-top
   from t5x_like.data import tasks  # pylint: disable=g-import-not-at-top
 
   # The same source, tokenizer and features as the corpus span-corruption tasks;
   # only the span-corruption preprocessor is t5's.
-  vocab = seqio.ByteVocabulary(extra_ids=EXTRA_IDS)
-  features = {'inputs': seqio.Feature(vocab, add_eos=True),
-              'targets': seqio.Feature(vocab, add_eos=True)}
-  rekey = functools.partial(seqio.preprocessors.rekey, key_map={'targets': 'text'})
+  _, features = tasks.objective_spec('span_corruption', tasks.DEFAULT_VOCABULARY)
   names = []
   for domain in corpus.DOMAINS:
     name = f'bench_t5_{domain}_span_corruption'
-    seqio.TaskRegistry.add(
-        name, source=tasks.corpus_source(domain),
-        preprocessors=[rekey, seqio.preprocessors.tokenize, t5_prep.span_corruption,
-                       seqio.preprocessors.append_eos_after_trim],
-        output_features=features, metric_fns=[])
+    registry.register_seqio_task(
+        name, tasks.corpus_source(domain),
+        [registry.TEXT_TO_TARGETS, seqio.preprocessors.tokenize, t5_prep.span_corruption,
+         seqio.preprocessors.append_eos_after_trim], features)
     names.append(name)
   seqio.MixtureRegistry.add('bench_t5_span_corruption', [(n, 1.0) for n in names])
   lengths = _lengths(args.span_lengths)

@@ -17,8 +17,11 @@ and the loss is on the targets only.
 
 Presets:
   UL2:  R(mu 3, r 0.15), R(mu 8, r 0.15), X(mu 3, r 0.5), X(mu 8, r 0.5),
-        X(mu 64, r 0.15), X(mu 64, r 0.5) and S(r 0.25); the S-denoiser gets
-        20% of the examples and the six span denoisers share the rest equally.
+        X(mu 64, r 0.15), X(mu 64, r 0.5) and S(r 0.25), sampled uniformly (1/7
+        each), as the paper's `ul2_objective` does when given no rates (Tay et
+        al., 2022, "UL2: Unifying Language Learning Paradigms", arXiv:2205.05131,
+        the code in its appendix). Other rates: `register_denoising_mixture(...,
+        rates=...)`, or `Denoiser(..., rate=...)`.
   UL2R: U-PaLM's continued training of a causal decoder: 50% S, 25% R
         (mu 3, r 0.15) and 25% X, split between (mu 32, r 0.15) and (mu 3, r 0.5).
 """
@@ -31,6 +34,7 @@ import seqio
 
 from t5x_like.data import mixtures
 from t5x_like.data import preprocessors as prep
+from t5x_like.data import registry
 
 FAMILIES = ('R', 'X', 'S')
 FAMILY_MODE = {'R': '[NLU]', 'X': '[NLG]', 'S': '[S2S]'}
@@ -78,14 +82,15 @@ class Denoiser:
                              mean_noise_span_length=self.mean_noise_span_length, mode=self.mode)
 
 
+# Equal rates: UL2's `ul2_objective` samples its denoisers uniformly unless given rates.
 UL2 = (
-    Denoiser('R', 0.15, 3.0, rate=0.8 / 6),
-    Denoiser('R', 0.15, 8.0, rate=0.8 / 6),
-    Denoiser('X', 0.5, 3.0, rate=0.8 / 6),
-    Denoiser('X', 0.5, 8.0, rate=0.8 / 6),
-    Denoiser('X', 0.15, 64.0, rate=0.8 / 6),
-    Denoiser('X', 0.5, 64.0, rate=0.8 / 6),
-    Denoiser('S', 0.25, rate=0.2),
+    Denoiser('R', 0.15, 3.0),
+    Denoiser('R', 0.15, 8.0),
+    Denoiser('X', 0.5, 3.0),
+    Denoiser('X', 0.5, 8.0),
+    Denoiser('X', 0.15, 64.0),
+    Denoiser('X', 0.5, 64.0),
+    Denoiser('S', 0.25),
 )
 UL2R = (
     Denoiser('R', 0.15, 3.0, rate=0.25),
@@ -95,19 +100,9 @@ UL2R = (
 )
 PRESETS = {'ul2': UL2, 'ul2r': UL2R}
 
-# Task name -> its denoiser, for per-family metrics.
-_TASK_DENOISER: Dict[str, Denoiser] = {}
-
-
-def register_task(name, source, preprocessors, output_features,
-                  shuffle_buffer_size: int = seqio.SHUFFLE_BUFFER_SIZE):
-  """Registers (or replaces) a seqio Task."""
-  if name in seqio.TaskRegistry.names():
-    seqio.TaskRegistry.remove(name)
-  seqio.TaskRegistry.add(name, source=source, preprocessors=preprocessors,
-                         output_features=output_features, metric_fns=[],
-                         shuffle_buffer_size=shuffle_buffer_size)
-  _TASK_DENOISER.pop(name, None)
+# Task name -> (the Task registered, its denoiser), for per-family metrics. A Task
+# registered again under the same name by anyone is a different object, and no denoiser.
+_TASK_DENOISER: Dict[str, Tuple[seqio.Task, Denoiser]] = {}
 
 
 def _resolve(spec: Union[str, Sequence[Denoiser]]) -> Tuple[Denoiser, ...]:
@@ -129,7 +124,8 @@ def register_denoising_mixture(name: str, sources: Mapping[str, seqio.DataSource
                                denoisers: Union[str, Sequence[Denoiser]] = 'ul2',
                                vocabulary: Optional[seqio.Vocabulary] = None,
                                source_rates: Optional[Mapping[str, float]] = None,
-                               shuffle_buffer_size: int = seqio.SHUFFLE_BUFFER_SIZE) -> str:
+                               shuffle_buffer_size: int = seqio.SHUFFLE_BUFFER_SIZE,
+                               rates: Optional[Sequence[float]] = None) -> str:
   """Registers the tasks and mixtures of a mixture of denoisers; returns `name`.
 
   Args:
@@ -140,10 +136,11 @@ def register_denoising_mixture(name: str, sources: Mapping[str, seqio.DataSource
       extra ids for the three mode tokens and the sentinels.
     source_rates: domain -> relative rate within each denoiser (default equal).
     shuffle_buffer_size: examples shuffled per task before mixing.
+    rates: relative rates of the denoisers, in their order (default: each
+      `Denoiser.rate`; the 'ul2' preset's are equal).
   """
   if vocabulary is None:
-    from t5x_like.data import tasks  # pylint: disable=g-import-not-at-top
-    vocabulary = tasks.DEFAULT_VOCABULARY
+    vocabulary = registry.DEFAULT_VOCABULARY
   spec = _resolve(denoisers)
   for d in spec:
     prep.mode_token_id(vocabulary, d.mode)  # fails early without room for mode tokens
@@ -151,20 +148,21 @@ def register_denoising_mixture(name: str, sources: Mapping[str, seqio.DataSource
     raise mixtures.MixtureError(f'denoising mixture {name!r} has no sources')
   features = {'inputs': seqio.Feature(vocabulary, add_eos=True),
               'targets': seqio.Feature(vocabulary, add_eos=True)}
-  rekey = functools.partial(seqio.preprocessors.rekey, key_map={'targets': 'text'})
   per_denoiser = []
   for d in spec:
     task_names = []
     for domain, source in sources.items():
       task = f'{name}_{domain}_{d.name}'
-      register_task(task, source, [rekey, seqio.preprocessors.tokenize, d.preprocessor(),
-                                   seqio.preprocessors.append_eos_after_trim], features,
-                    shuffle_buffer_size)
-      _TASK_DENOISER[task] = d
+      registered = registry.register_seqio_task(
+          task, source, [registry.TEXT_TO_TARGETS, seqio.preprocessors.tokenize, d.preprocessor(),
+                         seqio.preprocessors.append_eos_after_trim], features, shuffle_buffer_size)
+      _TASK_DENOISER[task] = (registered, d)
       task_names.append(task)
-    rates = [source_rates[s] for s in sources] if source_rates else None
-    per_denoiser.append(mixtures.register_mixture(f'{name}_{d.name}', task_names, rates))
-  return mixtures.register_mixture(name, per_denoiser, [d.rate for d in spec])
+    per_source = [source_rates[s] for s in sources] if source_rates else None
+    per_denoiser.append(mixtures.register_mixture(f'{name}_{d.name}', task_names, per_source))
+  if rates is None:
+    rates = [d.rate for d in spec]
+  return mixtures.register_mixture(name, per_denoiser, list(rates))
 
 
 def loss_groups(mixture_or_task_name: str) -> Dict[str, int]:
@@ -177,8 +175,8 @@ def loss_groups(mixture_or_task_name: str) -> Dict[str, int]:
   tasks = entry.tasks if isinstance(entry, seqio.Mixture) else [entry]
   groups = {}
   for task in tasks:
-    d = _TASK_DENOISER.get(task.name)
-    if d is None:
+    registered, d = _TASK_DENOISER.get(task.name, (None, None))
+    if registered is not task:
       continue
     mode_id = prep.mode_token_id(task.output_features['targets'].vocabulary, d.mode)
     label = d.family if groups.get(d.family, mode_id) == mode_id else f'{d.family}{d.mode}'

@@ -182,11 +182,13 @@ def _lines(path: str) -> Iterator[Tuple[int, bytes]]:
       yield number, line
 
 
-def _decode(raw: bytes, where: str) -> str:
+def _decode(raw: bytes, where: Optional[str] = None) -> str:
+  """`raw` as UTF-8 text; the SourceError names `where` (when given) and the bad byte."""
   try:
     return raw.decode('utf-8')
   except UnicodeDecodeError as e:
-    raise SourceError(f'{where}: not UTF-8 text ({e.reason} at byte {e.start})') from None
+    prefix = f'{where}: ' if where else ''
+    raise SourceError(f'{prefix}not UTF-8 text ({e.reason} at byte {e.start})') from None
 
 
 def _has_text(path: str) -> bool:
@@ -472,10 +474,7 @@ def _record_text(record: bytes, text_key: Optional[str], record_format: str) -> 
   Raises SourceError(reason); the caller adds where the record is.
   """
   if record_format == 'text':
-    try:
-      return record.decode('utf-8')
-    except UnicodeDecodeError as e:
-      raise SourceError(f'not UTF-8 text ({e.reason} at byte {e.start})') from None
+    return _decode(record)
   if record_format == 'json':
     return _json_record(record, text_key)
   try:
@@ -489,10 +488,7 @@ def _record_text(record: bytes, text_key: Optional[str], record_format: str) -> 
   values = feature[text_key].bytes_list.value
   if len(values) != 1:
     raise SourceError(f'feature {text_key!r} has {len(values)} values, not 1')
-  try:
-    return values[0].decode('utf-8')
-  except UnicodeDecodeError as e:
-    raise SourceError(f'not UTF-8 text ({e.reason} at byte {e.start})') from None
+  return _decode(values[0])
 
 
 def _record_format(record: bytes, text_key: Optional[str]) -> str:

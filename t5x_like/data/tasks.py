@@ -7,14 +7,14 @@ and 97 sentinels, see preprocessors.MODE_TOKENS):
   stdlib_{code,prose}_span_corruption, mixture stdlib_span_corruption (T5)
   the same three objectives mixed by characters ({mixture}_by_characters) and
   temperature-scaled with mT5's alpha = 0.3 ({mixture}_temperature);
-  stdlib_ul2:  UL2's seven denoisers over both domains (denoisers.UL2);
+  stdlib_ul2:  UL2's seven denoisers, 1/7 each, over both domains (denoisers.UL2);
   stdlib_ul2r: U-PaLM's UL2R mixture for continuing a causal decoder.
 The domain mixtures use equal rates.
 `register_corpus_tasks(vocabulary, prefix)` registers the same set for another
-vocabulary (e.g. the SentencePiece model `scripts/train_sentencepiece.py` makes).
+vocabulary (e.g. the SentencePiece model `scripts/train_sentencepiece.py` makes),
+and `register_text_task` one task of one objective over any text source.
 """
 
-import functools
 import logging
 import os
 from typing import Sequence
@@ -26,10 +26,11 @@ from t5x_like.data import corpus
 from t5x_like.data import denoisers
 from t5x_like.data import mixtures
 from t5x_like.data import preprocessors as prep
+from t5x_like.data import registry
 from t5x_like.data import sources
 
-EXTRA_IDS = 100
-DEFAULT_VOCABULARY = seqio.ByteVocabulary(extra_ids=EXTRA_IDS)
+EXTRA_IDS = registry.EXTRA_IDS
+DEFAULT_VOCABULARY = registry.DEFAULT_VOCABULARY
 
 
 class _QuietUncachedWarning(logging.Filter):
@@ -53,7 +54,7 @@ OBJECTIVES = ('lm', 'prefix_lm', 'span_corruption')
 
 def objective_spec(objective: str, vocabulary: seqio.Vocabulary):
   """(preprocessors, output features) of a single-objective text task."""
-  rekey = functools.partial(seqio.preprocessors.rekey, key_map={'targets': 'text'})
+  rekey = registry.TEXT_TO_TARGETS
   tokenize = seqio.preprocessors.tokenize
   if objective == 'lm':
     return ([rekey, tokenize, seqio.preprocessors.append_eos,
@@ -71,10 +72,10 @@ def objective_spec(objective: str, vocabulary: seqio.Vocabulary):
                             ' (or register_denoising_mixture for UL2)')
 
 
-def register_task(name: str, source: seqio.DataSource, objective: str = 'lm',
-                  vocabulary: seqio.Vocabulary = DEFAULT_VOCABULARY,
-                  preprocessors: Sequence = ()) -> str:
-  """Registers a text task over any source; returns its name (for gin).
+def register_text_task(name: str, source: seqio.DataSource, objective: str = 'lm',
+                       vocabulary: seqio.Vocabulary = DEFAULT_VOCABULARY,
+                       preprocessors: Sequence = ()) -> str:
+  """Registers a task of one objective over any text source; returns its name (for gin).
 
   Args:
     name: the task name.
@@ -85,7 +86,7 @@ def register_task(name: str, source: seqio.DataSource, objective: str = 'lm',
       quality or importance filters of `selection`).
   """
   steps, features = objective_spec(objective, vocabulary)
-  denoisers.register_task(name, source, list(preprocessors) + steps, features)
+  registry.register_seqio_task(name, source, list(preprocessors) + steps, features)
   return name
 
 
@@ -93,8 +94,8 @@ def register_corpus_tasks(vocabulary: seqio.Vocabulary = DEFAULT_VOCABULARY,
                           prefix: str = 'stdlib') -> None:
   """Registers the corpus tasks and mixtures listed above for `vocabulary`."""
   for objective in OBJECTIVES:
-    names = [register_task(f'{prefix}_{domain}_{objective}', corpus_source(domain), objective,
-                           vocabulary) for domain in corpus.DOMAINS]
+    names = [register_text_task(f'{prefix}_{domain}_{objective}', corpus_source(domain),
+                                objective, vocabulary) for domain in corpus.DOMAINS]
     mixtures.register_mixture(f'{prefix}_{objective}', names)
     mixtures.register_lazy_mixture(f'{prefix}_{objective}_by_characters', names, 'characters')
     mixtures.register_lazy_mixture(f'{prefix}_{objective}_temperature', names, 'characters',

@@ -1,4 +1,7 @@
-"""Corpus, preprocessors and the resumable input pipeline."""
+"""Corpus, preprocessors, the resumable input pipeline and the package's import graph."""
+
+import ast
+import os
 
 import numpy as np
 import pytest
@@ -122,3 +125,45 @@ def test_sentencepiece_vocabulary_trained_on_the_corpus(tmp_path):
   assert batch['encoder_input_tokens'].max() < vocab.vocab_size
   with pytest.raises(FileNotFoundError, match='train_sentencepiece.py'):
     tasks.sentencepiece_mixture(str(tmp_path / 'missing.model'))
+
+
+def _data_package_imports():
+  """Module -> the t5x_like.data modules it imports anywhere (also inside functions)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(corpus.__file__)))  # t5x_like/
+  modules = {}
+  for folder, _, files in os.walk(os.path.join(root, 'data')):
+    for f in files:
+      if f.endswith('.py'):
+        path = os.path.join(folder, f)
+        name = os.path.relpath(path, os.path.dirname(root))[:-3].replace(os.sep, '.')
+        modules[name.removesuffix('.__init__')] = path
+  graph = {}
+  for name, path in modules.items():
+    deps = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+      if isinstance(node, ast.Import):
+        deps |= {a.name for a in node.names}
+      elif isinstance(node, ast.ImportFrom) and node.module:
+        # `from pkg import sub` depends on pkg.sub when that is a module, else on pkg.
+        deps |= {f'{node.module}.{a.name}' if f'{node.module}.{a.name}' in modules
+                 else node.module for a in node.names}
+    graph[name] = sorted(deps & set(modules) - {name})
+  return graph
+
+
+def test_data_package_has_no_import_cycles():
+  graph = _data_package_imports()
+  assert 't5x_like.data.selection.features' in graph
+  done, path = set(), []
+
+  def visit(module):
+    assert module not in path, 'import cycle: ' + ' -> '.join(path[path.index(module):] + [module])
+    if module not in done:
+      path.append(module)
+      for dep in graph[module]:
+        visit(dep)
+      path.pop()
+      done.add(module)
+
+  for module in sorted(graph):
+    visit(module)

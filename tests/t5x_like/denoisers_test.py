@@ -116,11 +116,42 @@ def test_ul2_mixture_realises_the_family_rates():
   for d in denoisers.UL2:
     rates[d.mode] = rates.get(d.mode, 0.0) + d.rate
   total = sum(rates.values())
+  assert rates['[S2S]'] / total == pytest.approx(1 / 7)  # UL2's own rates (was 20% here)
   for mode, rate in rates.items():
     assert abs(np.mean(first == MODE_IDS[mode]) - rate / total) < 0.01, mode
   assert denoisers.loss_groups('stdlib_ul2') == {'R': MODE_IDS['[NLU]'], 'S': MODE_IDS['[S2S]'],
                                                  'X': MODE_IDS['[NLG]']}
   assert denoisers.loss_groups('stdlib_lm') == {}
+
+
+def _denoiser_shares(name, spec):
+  """Denoiser name -> its share of the examples of the denoising mixture `name`."""
+  mixture = seqio.get_mixture_or_task(name)
+  total = sum(mixture.get_rate(t) for t in mixture.tasks)
+  return {d.name: sum(mixture.get_rate(t) for t in mixture.tasks
+                      if t.name.endswith(f'_{d.name}')) / total for d in spec}
+
+
+def test_ul2_samples_its_seven_denoisers_uniformly_as_the_paper():
+  # UL2's `ul2_objective` (Tay et al. 2022, appendix) samples its denoisers uniformly when
+  # given no rates, so the S-denoiser gets 1/7 of the examples.
+  shares = _denoiser_shares('stdlib_ul2', denoisers.UL2)
+  assert len(shares) == 7 and shares['s_r25'] == pytest.approx(1 / 7)
+  assert all(share == pytest.approx(1 / 7) for share in shares.values()), shares
+
+
+def test_denoiser_rates_are_configurable():
+  sources = {'a': _Letters('a', 1, 10)}
+  name = denoisers.register_denoising_mixture('test_ul2_rates', sources, 'ul2',
+                                              rates=[0.8] * 6 + [1.2])
+  shares = _denoiser_shares(name, denoisers.UL2)
+  assert shares['s_r25'] == pytest.approx(0.2) and shares['r_mu3_r15'] == pytest.approx(0.8 / 6)
+  assert denoisers.loss_groups('test_ul2_rates_a_s_r25') == {'S': MODE_IDS['[S2S]']}
+  # A task registered again under a denoiser task's name is no denoiser.
+  tasks.register_text_task('test_ul2_rates_a_s_r25', sources['a'])
+  assert denoisers.loss_groups('test_ul2_rates_a_s_r25') == {}
+  with pytest.raises(mixtures.MixtureError, match='7 tasks but 6 rates'):
+    denoisers.register_denoising_mixture('bad', sources, 'ul2', rates=[1.0] * 6)
 
 
 class _Letters(seqio.FunctionDataSource):
@@ -144,8 +175,8 @@ class _Letters(seqio.FunctionDataSource):
 def letter_tasks():
   names = {}
   for letter, docs, length in (('a', 100, 40), ('b', 300, 40), ('c', 100, 81)):
-    names[letter] = tasks.register_task(f'test_letters_{letter}', _Letters(letter, docs, length),
-                                        objective='lm')
+    names[letter] = tasks.register_text_task(f'test_letters_{letter}',
+                                             _Letters(letter, docs, length), objective='lm')
   return names
 
 
