@@ -1,8 +1,9 @@
 """Model wrappers: a Flax module plus its loss, scoring and batch contract.
 
 The trainer only sees this interface: `init_variables`, `loss_fn` (returning
-sums so that sharded, accumulated and single-device steps normalise the same
-way), `per_token_loss` and `score_batch` (per-sequence log-likelihoods, the
+a loss sum and typed metrics, `models/metrics.py`, so that sharded,
+accumulated and single-device steps normalise the same way), `per_token_loss`
+and `score_batch` (per-sequence log-likelihoods, the
 seam DPO and reward models build on).
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from models import config as cfg
 from models import losses
+from models import metrics as metrics_lib
 from models import moe as moe_lib
 from models import transformer
 
@@ -105,30 +107,56 @@ class BaseModel(abc.ABC):
             c.router_z_loss_weight * jnp.sum(stats['router_z_loss']))
 
   def loss_fn(self, params, batch: Batch, dropout_rng=None,
-              token_groups: Optional[Mapping[str, Array]] = None) -> Tuple[Array, Dict[str, Array]]:
-    """Weighted loss *sum* and auxiliary sums; divide by aux['weight_sum'].
+              token_groups: Optional[Mapping[str, Array]] = None
+              ) -> Tuple[Array, metrics_lib.Metrics]:
+    """The weighted loss *sum* (what is differentiated) and the step's metrics.
 
-    `token_groups` (name -> [batch, length] 0/1 mask over the targets) adds
-    each group's cross-entropy sum and weight sum to aux, as
-    `group_loss_sum/<name>` and `group_weight_sum/<name>`.
+    Sums, not means, so that microbatches, shards and evaluation batches
+    combine exactly: `metrics['loss']` is the `Average` of the objective whose
+    weight is the number of target tokens (the normaliser of the gradient).
+
+    Args:
+      params: the model parameters.
+      batch: model features.
+      dropout_rng: a key to train with dropout (and router jitter); None: deterministic.
+      token_groups: name -> [batch, length] 0/1 mask over the targets; each
+        group's cross-entropy is reported as metric `loss/<name>`.
+
+    Returns:
+      (loss sum, metrics): the objective is cross-entropy (label-smoothed when
+      configured) + z-loss + the weighted router losses; `cross_entropy`,
+      `z_loss` and `moe_loss` are its parts, `perplexity` is exp(cross_entropy),
+      `moe/<stat>/<layer>` the router statistics of each MoE layer.
     """
     loss, z, logits, stats = self._per_token_loss_and_stats(params, batch, dropout_rng)
+    ce = loss - z  # [batch, length]
     weights = batch['decoder_loss_weights'].astype(jnp.float32)
     correct = (jnp.argmax(logits, -1) == batch['decoder_target_tokens']).astype(jnp.float32)
     weight_sum = jnp.sum(weights)
     # Router losses are per batch, not per token: scaled by the weight sum so
-    # that dividing by it (after summing microbatches) gives their mean.
+    # that merged microbatches average them like the token losses.
     moe_loss_sum = self.moe_loss(stats) * weight_sum
-    aux = {'weight_sum': weight_sum, 'z_loss_sum': jnp.sum(z * weights),
-           'correct_sum': jnp.sum(correct * weights), 'moe_loss_sum': moe_loss_sum}
-    for name, values in stats.items():
+    loss_sum = jnp.sum(loss * weights) + moe_loss_sum
+    ce_sum = jnp.sum(ce * weights)
+
+    def per_token(total, console=None):
+      return metrics_lib.Average(total, weight_sum, console=console)
+    metrics = {
+        'loss': per_token(loss_sum, '.4f'),
+        'cross_entropy': per_token(ce_sum),
+        'z_loss': per_token(jnp.sum(z * weights)),
+        'moe_loss': per_token(moe_loss_sum),
+        'accuracy': per_token(jnp.sum(correct * weights), '.4f'),
+        'perplexity': metrics_lib.Perplexity(ce_sum, weight_sum, console='.2f'),
+        'target_tokens': metrics_lib.Sum(weight_sum),
+    }
+    for name, values in stats.items():  # [num_moe_layers] each
       for i in range(values.shape[0]):
-        aux[f'moe_sum/{name}/{i}'] = values[i] * weight_sum
+        metrics[f'moe/{name}/{i}'] = per_token(values[i] * weight_sum)
     for name, mask in (token_groups or {}).items():
       w = weights * mask.astype(jnp.float32)
-      aux[f'group_loss_sum/{name}'] = jnp.sum((loss - z) * w)
-      aux[f'group_weight_sum/{name}'] = jnp.sum(w)
-    return jnp.sum(loss * weights) + moe_loss_sum, aux
+      metrics[f'loss/{name}'] = metrics_lib.Average(jnp.sum(ce * w), jnp.sum(w), console='.3f')
+    return loss_sum, metrics
 
   def score_batch(self, params, batch: Batch) -> Array:
     """Sum of target-token log-likelihoods per example [batch] (no z-loss, no smoothing)."""

@@ -7,8 +7,10 @@ and renames it on commit), so a killed process never leaves a checkpoint that
 looks complete but is not; leftovers of interrupted saves are removed at start.
 """
 
+import abc
+import contextlib
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -30,13 +32,20 @@ def _handlers():
   return {'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler()}
 
 
+@contextlib.contextmanager
+def open_read_only(directory: str, item_handlers=None) -> Iterator[ocp.CheckpointManager]:
+  """A checkpoint manager over `directory` that can neither create nor change anything."""
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      read_only=True, create=False), item_handlers=item_handlers or _handlers()) as manager:
+    yield manager
+
+
 def latest_step(model_dir: str) -> Optional[int]:
   """The newest complete checkpoint's step, without creating anything."""
   directory = checkpoint_dir(model_dir)
   if not os.path.isdir(directory):
     return None
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True, create=False), item_handlers=_handlers()) as manager:
+  with open_read_only(directory) as manager:
     return manager.latest_step()
 
 
@@ -49,8 +58,7 @@ def check_compatible(model_dir: str, abstract_state: Any) -> Optional[int]:
   directory = checkpoint_dir(model_dir)
   if not os.path.isdir(directory):
     return None
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True, create=False), item_handlers=_handlers()) as manager:
+  with open_read_only(directory) as manager:
     step = manager.latest_step()
     if step is None:
       return None
@@ -88,8 +96,13 @@ def _flat_shapes(tree) -> Dict[str, Tuple[tuple, Optional[str]]]:
           jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _resolve_initial(path: str) -> Tuple[str, int]:
-  """(checkpoints directory, step) for a MODEL_DIR, its checkpoints/ or one step's folder."""
+def resolve(path: str) -> Tuple[str, int]:
+  """(checkpoints directory, step) for a MODEL_DIR (its newest checkpoint), its
+  checkpoints/ folder, or one checkpoints/<step> folder; read-only.
+
+  Raises:
+    CheckpointError: no complete checkpoint there.
+  """
   path = os.path.abspath(path)
   candidates = [(checkpoint_dir(path), None), (path, None)]
   base = os.path.basename(path.rstrip('/'))
@@ -98,8 +111,7 @@ def _resolve_initial(path: str) -> Tuple[str, int]:
   for directory, step in candidates:
     if not os.path.isdir(directory):
       continue
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        read_only=True, create=False), item_handlers=_handlers()) as manager:
+    with open_read_only(directory) as manager:
       steps = manager.all_steps()
     if step is None and steps:
       return directory, max(steps)
@@ -109,34 +121,89 @@ def _resolve_initial(path: str) -> Tuple[str, int]:
                         'MODEL_DIR with checkpoints (or one of its checkpoints/<step> folders)')
 
 
-def check_initial_params(path: str, abstract_params: Any) -> Tuple[str, int]:
-  """Checks, read-only, that the parameters at `path` fit the model; returns (dir, step)."""
-  directory, step = _resolve_initial(path)
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True, create=False), item_handlers=_handlers()) as manager:
+def saved_params(directory: str, step: int) -> Any:
+  """The parameter shapes and dtypes (a tree of ShapeDtypeStruct) saved at `step`, read-only.
+
+  Raises:
+    CheckpointError: the checkpoint holds no parameters.
+  """
+  with open_read_only(directory) as manager:
     saved = manager.item_metadata(step)['state']
   try:
-    saved_params = saved['params']
+    params = saved['params']
   except (KeyError, TypeError):
-    saved_params = None
-  if saved_params is None:
+    params = None
+  if params is None:
     raise CheckpointError(f'checkpoint step {step} in {directory} has no params: point '
                           'train.initial_checkpoint at a t5x_like MODEL_DIR')
-  fix = 'use the same model config as the run that wrote it (initial_checkpoint loads params only)'
-  _compare(_flat_shapes(saved_params), _flat_shapes(abstract_params), step, directory, fix)
-  return directory, step
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), params)
 
 
-def restore_params(directory: str, step: int, abstract_params: Any) -> Any:
-  """Only the parameters of a checkpoint, onto `abstract_params`' shardings."""
+def restore_params(directory: str, step: int, abstract_params: Any = None) -> Any:
+  """Only the parameters of a checkpoint: onto `abstract_params`' shardings, or
+  (None) as saved, on the default device."""
+  if abstract_params is None:
+    abstract_params = saved_params(directory, step)
   item = {'params': abstract_params}
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True, create=False), item_handlers={'state': ocp.PyTreeCheckpointHandler()}
-      ) as manager:
+  with open_read_only(directory, {'state': ocp.PyTreeCheckpointHandler()}) as manager:
     out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True)))
   return out['state']['params']
+
+
+class InitialCheckpoint(abc.ABC):
+  """Parameters from elsewhere that a new run starts from, with a fresh optimizer
+  and data pipeline (continued pretraining, sparse upcycling; later HF import,
+  a LoRA base). Ignored when MODEL_DIR has its own checkpoint: that resumes.
+
+  `check` runs before anything is written, read-only; `restore` after.
+
+  Args:
+    path: a MODEL_DIR (its newest checkpoint), its checkpoints/ folder or one
+      checkpoints/<step> folder.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self.directory: Optional[str] = None
+    self.step: Optional[int] = None
+
+  def check(self, abstract_params: Any) -> None:
+    """Raises CheckpointError (one line) unless `restore` can fill `abstract_params`."""
+    self.directory, self.step = resolve(self.path)
+    self._check(saved_params(self.directory, self.step), abstract_params)
+
+  @abc.abstractmethod
+  def _check(self, saved: Any, abstract_params: Any) -> None:
+    """Compares the saved parameter shapes with the model's."""
+
+  @abc.abstractmethod
+  def restore(self, params: Any) -> Any:
+    """The run's starting parameters, in the layout and shardings of `params`
+    (the model's fresh initialisation, for whatever the checkpoint lacks)."""
+
+  @abc.abstractmethod
+  def describe(self) -> str:
+    """One line for the console: what was restored from where."""
+
+
+class ParamsCheckpoint(InitialCheckpoint):
+  """The parameters of a run of the same model, copied as they are."""
+
+  def _check(self, saved, abstract_params):
+    fix = ('use the same model config as the run that wrote it (initial_checkpoint loads '
+           'params only)')
+    _compare(_flat_shapes(saved), _flat_shapes(abstract_params), self.step, self.directory, fix)
+
+  def restore(self, params):
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            params)
+    return restore_params(self.directory, self.step, abstract)
+
+  def describe(self):
+    return (f'initialised parameters from {self.directory} step {self.step} (fresh optimizer '
+            'and data)')
 
 
 class Checkpointer:

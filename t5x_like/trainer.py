@@ -17,15 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from models import metrics as metrics_lib
 from models import model as model_lib
 from partitioning import axes as ax
 from partitioning import partitioner as partitioner_lib
 from t5x_like import optimizers
 
 Array = jax.Array
-Metrics = Dict[str, Array]
-
-
 @flax.struct.dataclass
 class TrainState:
   step: Array  # int32 scalar
@@ -74,22 +72,6 @@ def first_token_groups(batch: Mapping[str, Array], groups: Mapping[str, int]) ->
   return out
 
 
-def group_metrics(aux: Mapping[str, Array]) -> Dict[str, Array]:
-  """Metrics derived from summed aux values: `loss/<group>` (cross-entropy per
-  target token; NaN for a group with no target tokens in the batch) and the
-  MoE router statistics `moe/<stat>/<layer>` (their token-weighted means)."""
-  out = {}
-  for key, value in aux.items():
-    if key.startswith('moe_sum/'):
-      out['moe/' + key.split('/', 1)[1]] = value / jnp.maximum(aux['weight_sum'], 1.0)
-    if key.startswith('group_loss_sum/'):
-      name = key.split('/', 1)[1]
-      weight = aux[f'group_weight_sum/{name}']
-      # NaN when the batch has no example of the group (dropped from the logs).
-      out[f'loss/{name}'] = jnp.where(weight > 0, value / jnp.maximum(weight, 1.0), jnp.nan)
-  return out
-
-
 class Trainer:
   """Owns the model, optimizer and partitioner; compiles train and eval steps.
 
@@ -101,8 +83,8 @@ class Trainer:
       `pipeline.batch_shapes` or `model.feature_shapes`.
     num_microbatches: gradient accumulation steps per train step.
     seed: seeds parameter init and dropout (dropout key = fold_in(seed, step)).
-    loss_groups: name -> first input token (e.g. UL2 mode tokens): the loss of
-      each group's examples is reported as metric `loss/<name>`.
+    loss_groups: name -> first input token (e.g. UL2 mode tokens): the
+      cross-entropy of each group's examples is reported as metric `loss/<name>`.
   """
 
   def __init__(self, model: model_lib.BaseModel, optimizer: optimizers.Optimizer,
@@ -132,6 +114,7 @@ class Trainer:
     self._dummy = {k: np.zeros(v, np.int32) for k, v in self.batch_shapes.items()}
     self.batch_shardings = {k: partitioner.batch_sharding(v.ndim) for k, v in self._dummy.items()}
     self._build_abstract_state()
+    self._jit_init = None
     self._jit_train_step = None
     self._jit_eval_step = None
 
@@ -162,25 +145,29 @@ class Trainer:
 
   def init_state(self) -> TrainState:
     """Initialises directly into the sharded layout (no full copy on one device)."""
-    def init(rng):
-      params = nn.unbox(self._init_params_boxed(rng))
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                        opt_state=self.optimizer.tx.init(params))
+    if self._jit_init is None:
+      def init(rng):
+        params = nn.unbox(self._init_params_boxed(rng))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=self.optimizer.tx.init(params))
+      self._jit_init = jax.jit(init, out_shardings=self.state_shardings)
     with self.partitioner.context():
-      return jax.jit(init, out_shardings=self.state_shardings)(jax.random.PRNGKey(self.seed))
+      return self._jit_init(jax.random.PRNGKey(self.seed))
 
   # --- steps --------------------------------------------------------------------
-  def _grads(self, params, batch, rng) -> Tuple[Any, Array, Dict[str, Array]]:
-    """Summed grads, loss sum and aux sums over the microbatches of `batch`."""
+  def _token_groups(self, batch):
+    return first_token_groups(batch, self.loss_groups) if self.loss_groups else None
+
+  def _grads(self, params, batch, rng) -> Tuple[Any, Array, metrics_lib.Metrics]:
+    """Summed grads, loss sum and merged metrics over the microbatches of `batch`."""
     dropout = self.model.needs_rng
 
     def one(mb, i):
       key = jax.random.fold_in(rng, i) if dropout else None
-      groups = first_token_groups(mb, self.loss_groups) if self.loss_groups else None
-      (loss_sum, aux), grads = jax.value_and_grad(self.model.loss_fn, has_aux=True)(
-          params, mb, key, groups)
+      (loss_sum, metrics), grads = jax.value_and_grad(self.model.loss_fn, has_aux=True)(
+          params, mb, key, self._token_groups(mb))
       grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-      return grads, loss_sum, aux
+      return grads, loss_sum, metrics
 
     m = self.num_microbatches
     if m == 1:
@@ -190,41 +177,53 @@ class Trainer:
         x, (None, ax.BATCH) + (None,) * (x.ndim - 2)), micro)
 
     def body(carry, xs):
+      grads, loss_sum, metrics = carry
       mb, i = xs
-      out = one(mb, i)
-      return _sum_tree(carry, out), None
+      g, l, m_ = one(mb, i)
+      return (_sum_tree(grads, g), loss_sum + l, metrics_lib.merge(metrics, m_)), None
 
     zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: one(
         jax.tree.map(lambda x: x[0], micro), 0)))
-    (grads, loss_sum, aux), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(m)))
-    return grads, loss_sum, aux
+    (grads, loss_sum, metrics), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(m)))
+    return grads, loss_sum, metrics
 
-  def train_step(self, state: TrainState, batch: Mapping[str, Array]) -> Tuple[TrainState, Metrics]:
-    """One optimizer step on a global batch. Pure: jit it, shard it, test it."""
+  def train_step(self, state: TrainState, batch: Mapping[str, Array]
+                 ) -> Tuple[TrainState, metrics_lib.Metrics]:
+    """One optimizer step on a global batch. Pure: jit it, shard it, test it.
+
+    The gradient is the loss sum's, divided by the global number of target
+    tokens (`metrics['loss'].weight`), so accumulation and sharding do not
+    change the update.
+    """
     rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), state.step)
-    grads, loss_sum, aux = self._grads(state.params, batch, rng)
-    denom = jnp.maximum(aux['weight_sum'], 1.0)
+    grads, _, metrics = self._grads(state.params, batch, rng)
+    denom = jnp.maximum(metrics['loss'].weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = self.optimizer.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {
-        'loss': loss_sum / denom,
-        'z_loss': aux['z_loss_sum'] / denom,
-        'cross_entropy': (loss_sum - aux['z_loss_sum'] - aux['moe_loss_sum']) / denom,
-        'moe_loss': aux['moe_loss_sum'] / denom,
-        'accuracy': aux['correct_sum'] / denom,
-        'grad_norm': optax.tree.norm(grads),
-        'learning_rate': jnp.asarray(self.optimizer.learning_rate(state.step), jnp.float32),
-        'target_tokens': aux['weight_sum'],
-        **group_metrics(aux),
-    }
+    metrics.update(
+        grad_norm=metrics_lib.Last(optax.tree.norm(grads)),
+        learning_rate=metrics_lib.Last(
+            jnp.asarray(self.optimizer.learning_rate(state.step), jnp.float32), console='.2e'))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  def eval_step(self, params, batch: Mapping[str, Array]) -> Metrics:
-    """Sums (not means) so batches can be added up before dividing."""
-    groups = first_token_groups(batch, self.loss_groups) if self.loss_groups else None
-    loss_sum, aux = self.model.loss_fn(params, batch, None, groups)
-    return {'loss_sum': loss_sum, **aux}
+  def eval_step(self, params, batch: Mapping[str, Array]) -> metrics_lib.Metrics:
+    """The model's metrics on one batch; merge batches with `metrics.merge`.
+
+    The reported `loss` is the cross-entropy alone: z-loss and router losses
+    are regularisers, not part of the likelihood.
+    """
+    _, metrics = self.model.loss_fn(params, batch, None, self._token_groups(batch))
+    metrics['loss'] = metrics['cross_entropy'].replace(console=metrics['loss'].console)
+    return metrics
+
+  def evaluate(self, params, batches) -> metrics_lib.Metrics:
+    """`eval_step` merged over host-local batches (numpy), still on device."""
+    total = None
+    for b in batches:
+      m = self.jit_eval_step(params, self.shard_batch(b))
+      total = m if total is None else metrics_lib.merge(total, m)
+    return total
 
   @property
   def jit_train_step(self):

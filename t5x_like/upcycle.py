@@ -21,11 +21,10 @@ and in an MoE layer `mlp/wi_0/kernel` [..., d, m] (or wi_1, wi, wo) becomes
 """
 
 import re
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Tuple, Union
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
 from models import config as model_config
 from t5x_like import checkpoints
@@ -194,48 +193,6 @@ def upcycle_params(dense_params: Any, moe_params_init: Any, config: model_config
       lambda p, x: jnp.asarray(out[_key(p)], x.dtype), moe_params_init)
 
 
-def _saved_params(directory: str, step: int):
-  """The abstract (ShapeDtypeStruct) params of a checkpoint, read-only."""
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True, create=False), item_handlers=checkpoints._handlers()  # pylint: disable=protected-access
-      ) as manager:
-    saved = manager.item_metadata(step)['state']
-  try:
-    params = saved['params']
-  except (KeyError, TypeError):
-    params = None
-  if params is None:
-    raise checkpoints.CheckpointError(f'checkpoint step {step} in {directory} has no params: '
-                                      'point train.initial_checkpoint at a t5x_like MODEL_DIR')
-  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), params)
-
-
-def check_dense_checkpoint(path: str, moe_abstract_params: Any,
-                           config: model_config.DecoderConfig) -> Tuple[str, int, Any]:
-  """Checks, read-only, that the run at `path` upcycles into the MoE model.
-
-  Args:
-    path: a MODEL_DIR, its checkpoints/ or one checkpoints/<step> folder.
-    moe_abstract_params: the MoE model's abstract parameters.
-    config: the MoE model's config.
-
-  Returns:
-    (checkpoints directory, step, the dense abstract parameters).
-
-  Raises:
-    checkpoints.CheckpointError: one line naming the first mismatching parameter.
-  """
-  if not config.num_experts:
-    raise model_config.ConfigError(
-        f'train.initial_checkpoint_upcycle = True needs an MoE model, but '
-        f'{type(config).__name__}.num_experts = 0: include an MoE model file (e.g. '
-        'models/mixtral/tiny.gin) or set train.initial_checkpoint_upcycle = False')
-  directory, step = checkpoints._resolve_initial(path)  # pylint: disable=protected-access
-  dense = _saved_params(directory, step)
-  check_shapes(dense, moe_abstract_params, config, f'checkpoint step {step} in {directory}')
-  return directory, step, dense
-
-
 def check_shapes(dense_params: Any, moe_params: Any, config: model_config.DecoderConfig,
                  source: str = 'the dense model') -> None:
   """`upcycle_params`' checks on shapes alone (arrays or ShapeDtypeStructs), no data.
@@ -257,20 +214,46 @@ def check_shapes(dense_params: Any, moe_params: Any, config: model_config.Decode
     raise errors[0]
 
 
-def restore_upcycled(directory: str, step: int, dense_abstract: Any, moe_params: Any,
-                     config: model_config.DecoderConfig, mesh: jax.sharding.Mesh,
-                     shardings: Optional[Any] = None) -> Any:
-  """The dense checkpoint's parameters upcycled into `moe_params`' layout.
+class UpcycleCheckpoint(checkpoints.InitialCheckpoint):
+  """A dense run's checkpoint, upcycled into this MoE model at the start of a run.
 
-  The dense parameters are restored replicated over `mesh` (every device holds
-  the whole dense model for a moment), then mapped under jit into `shardings`
-  (the MoE parameters' shardings; those of `moe_params` when None).
+  `restore` restores the dense parameters replicated over the mesh of the MoE
+  parameters (every device holds the whole dense model for a moment), then
+  maps them under jit into the MoE parameters' shardings.
+
+  Args:
+    path: the dense run (a MODEL_DIR, its checkpoints/ or one checkpoints/<step>).
+    config: the MoE model's config.
   """
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  dense_abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), dense_abstract)
-  dense = checkpoints.restore_params(directory, step, dense_abstract)
-  if shardings is None:
-    shardings = jax.tree.map(lambda x: x.sharding, moe_params)
-  return jax.jit(lambda d, m: upcycle_params(d, m, config), out_shardings=shardings)(
-      dense, moe_params)
+
+  def __init__(self, path: str, config: model_config.DecoderConfig):
+    super().__init__(path)
+    self.config = config
+    self._dense = None
+
+  def check(self, abstract_params: Any) -> None:
+    if not self.config.num_experts:
+      raise model_config.ConfigError(
+          f'train.initial_checkpoint_upcycle = True needs an MoE model, but '
+          f'{type(self.config).__name__}.num_experts = 0: include an MoE model file (e.g. '
+          'models/mixtral/tiny.gin) or set train.initial_checkpoint_upcycle = False')
+    super().check(abstract_params)
+
+  def _check(self, saved, abstract_params):
+    check_shapes(saved, abstract_params, self.config,
+                 f'checkpoint step {self.step} in {self.directory}')
+    self._dense = saved
+
+  def restore(self, params: Any) -> Any:
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    dense_abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), self._dense)
+    dense = checkpoints.restore_params(self.directory, self.step, dense_abstract)
+    return jax.jit(lambda d, m: upcycle_params(d, m, self.config), out_shardings=shardings)(
+        dense, params)
+
+  def describe(self) -> str:
+    return (f'upcycled parameters from the dense run {self.directory} step {self.step}: every '
+            'expert is its layer\'s dense MLP, routers fresh (fresh optimizer and data)')

@@ -37,8 +37,8 @@ def _model(family, kernel):
 
 def _loss_and_grads(model, params, batch):
   def mean_loss(p):
-    loss_sum, aux = model.loss_fn(p, batch)
-    return loss_sum / aux['weight_sum']
+    loss_sum, metrics = model.loss_fn(p, batch)
+    return loss_sum / metrics['loss'].weight
   return jax.jit(jax.value_and_grad(mean_loss))(params)
 
 

@@ -216,16 +216,16 @@ def test_moe_model_logs_one_statistic_per_moe_layer(interval, scan):
   moe_layers = [k for k in jax.tree_util.tree_flatten_with_path(params)[0]
                 if 'router' in jax.tree_util.keystr(k[0])]
   assert len(moe_layers) == 1 if scan else 4 // interval
-  loss_sum, aux = model.loss_fn(params, batch)
-  names = sorted(k for k in aux if k.startswith('moe_sum/load_balance_loss/'))
+  loss_sum, metrics = model.loss_fn(params, batch)
+  names = sorted(k for k in metrics if k.startswith('moe/load_balance_loss/'))
   assert len(names) == 4 // interval
-  stats = {k.split('/')[1]: [] for k in aux if k.startswith('moe_sum/')}
-  for k, v in aux.items():
-    if k.startswith('moe_sum/'):
-      stats[k.split('/')[1]].append(float(v / aux['weight_sum']))
+  stats = {k.split('/')[1]: [] for k in metrics if k.startswith('moe/')}
+  for k, m in metrics.items():
+    if k.startswith('moe/'):
+      stats[k.split('/')[1]].append(float(m.compute()))
   want = (model.config.load_balance_loss_weight * sum(stats['load_balance_loss']) +
           model.config.router_z_loss_weight * sum(stats['router_z_loss']))
-  assert float(aux['moe_loss_sum'] / aux['weight_sum']) == pytest.approx(want, rel=1e-5)
+  assert float(metrics['moe_loss'].compute()) == pytest.approx(want, rel=1e-5)
   assert math.isfinite(float(loss_sum))
 
 
@@ -266,8 +266,8 @@ def mixtral_like():
 
 def _loss_and_grads(model, params, batch):
   def mean_loss(p):
-    loss_sum, aux = model.loss_fn(p, batch)
-    return loss_sum / aux['weight_sum']
+    loss_sum, metrics = model.loss_fn(p, batch)
+    return loss_sum / metrics['loss'].weight
   return jax.jit(jax.value_and_grad(mean_loss))(params)
 
 

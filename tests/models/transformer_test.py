@@ -53,8 +53,8 @@ def test_scan_equals_unrolled(encdec, variant):
   assert jax.tree.structure(ref_tree) == jax.tree.structure(flat)
   rng = jax.random.PRNGKey(3) if variant.get('dropout_rate') else None
   def loss(model, p):
-    l, aux = model.loss_fn(p, batch, rng)
-    return l / aux['weight_sum']
+    l, metrics = model.loss_fn(p, batch, rng)
+    return l / metrics['loss'].weight
   l1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(scanned, p)))(params)
   l2, g2 = jax.jit(jax.value_and_grad(lambda p: loss(unrolled, p)))(flat)
   if rng is None:  # dropout masks differ between scan's split rngs and the loop's

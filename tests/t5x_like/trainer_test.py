@@ -41,8 +41,8 @@ def _run(model, batches, mesh, num_microbatches=1, optimizer=None):
   trainer = trainer_lib.Trainer(model, opt, part, shapes, num_microbatches=num_microbatches)
   state = trainer.init_state()
   def mean_loss(p, b):  # the loss the trainer optimises: per target token
-    loss_sum, aux = model.loss_fn(p, b)
-    return loss_sum / aux['weight_sum']
+    loss_sum, metrics = model.loss_fn(p, b)
+    return loss_sum / metrics['loss'].weight
   grad_fn = jax.jit(jax.grad(mean_loss))
   first_grads = None
   losses = []
@@ -52,7 +52,7 @@ def _run(model, batches, mesh, num_microbatches=1, optimizer=None):
       with part.context():
         first_grads = jax.device_get(grad_fn(state.params, gb))
     state, metrics = trainer.jit_train_step(state, gb)
-    losses.append(float(metrics['loss']))
+    losses.append(float(metrics['loss'].compute()))
   return losses, first_grads, jax.device_get(state.params), trainer
 
 

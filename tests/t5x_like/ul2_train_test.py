@@ -80,12 +80,7 @@ def causal_run(tmp_path_factory):
 
 
 def _params(model_dir):
-  directory = checkpoints.checkpoint_dir(model_dir)
-  step = checkpoints.latest_step(model_dir)
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  with ocp.CheckpointManager(directory, item_handlers={'state': ocp.StandardCheckpointHandler()},
-                             options=ocp.CheckpointManagerOptions(read_only=True)) as m:
-    return m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']['params']
+  return checkpoints.restore_params(*checkpoints.resolve(model_dir))
 
 
 def test_ul2r_continues_a_causal_decoder(tmp_path, causal_run):

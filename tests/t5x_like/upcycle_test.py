@@ -5,7 +5,6 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from models import config as cfg
@@ -37,8 +36,8 @@ def _random_params(model, seed):
 
 def _cross_entropy(model, params, batch):
   """The loss sum without the weighted router losses (the dense model has none)."""
-  loss_sum, aux = jax.jit(model.loss_fn)(params, batch)
-  return float(loss_sum - aux.get('moe_loss_sum', 0.0))
+  loss_sum, metrics = jax.jit(model.loss_fn)(params, batch)
+  return float(loss_sum - metrics['moe_loss'].total)
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,12 +160,7 @@ def dense_run(tmp_path_factory):
 
 
 def _params(model_dir):
-  with ocp.CheckpointManager(checkpoints.checkpoint_dir(model_dir),
-                             item_handlers={'state': ocp.StandardCheckpointHandler()},
-                             options=ocp.CheckpointManagerOptions(read_only=True)) as m:
-    step = m.latest_step()
-    return m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state'][
-        'params']
+  return checkpoints.restore_params(*checkpoints.resolve(model_dir))
 
 
 def test_upcycle_run_starts_the_experts_at_the_dense_mlps(tmp_path, dense_run):

@@ -1,0 +1,356 @@
+"""The train loop and the hooks it calls.
+
+`run(...)` steps the trainer over the data and calls hooks; everything else a
+run does (writing metrics, evaluating, checkpointing, stopping on a
+non-finite loss) is a `Hook`: an object with `every` (steps between calls)
+and `__call__(info: StepInfo)`, plus optional `start` and `end`. Hooks run
+in list order, so a hook that can stop the run (the non-finite check) comes
+before the ones that would keep its state. This is where later features plug
+in (spike rollback, sample generation, sweep reporting), as Levanter's
+`TrainerHooks` and T5X's actions do.
+
+    class PrintNorm(loop.Hook):
+      every = 100
+      def __call__(self, info):
+        print(info.step, float(info.metrics['grad_norm'].compute()))
+
+    train.hooks = [@PrintNorm()]   # in gin, after the standard hooks
+"""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import jax
+import numpy as np
+
+from models import metrics as metrics_lib
+from t5x_like import checkpoints
+from t5x_like import trainer as trainer_lib
+from t5x_like import utils
+
+
+class TrainingError(RuntimeError):
+  """Training cannot continue (e.g. a non-finite loss)."""
+
+
+def chief_print(msg: str) -> None:
+  """Prints on process 0 only."""
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+@dataclasses.dataclass
+class StepInfo:
+  """What a hook sees after a step (or at the start and end of the loop).
+
+  Attributes:
+    step: steps done so far (the state's step).
+    state: the train state after that step.
+    train_steps: the run's last step.
+    metrics: the step's metrics (on device; `metrics_lib.compute` fetches
+      them); None at the start.
+    loss: the step's loss (fetched), None at the start.
+    batch_hash: the digest of the step's global batch, None at the start.
+    stopped: at the end, whether SIGTERM stopped the run.
+  """
+  step: int
+  state: trainer_lib.TrainState
+  train_steps: int
+  metrics: Optional[metrics_lib.Metrics] = None
+  loss: Optional[float] = None
+  batch_hash: Optional[str] = None
+  stopped: bool = False
+
+  @property
+  def finished(self) -> bool:
+    """The last step of the run is done."""
+    return self.step >= self.train_steps
+
+
+class Hook:
+  """Called every `every` steps (0: never during the loop) with a StepInfo."""
+
+  every: int = 1
+
+  def due(self, info: StepInfo) -> bool:
+    return self.every > 0 and info.step % self.every == 0
+
+  def start(self, info: StepInfo) -> None:
+    """Before the first step (info.step is where the run starts or resumes)."""
+
+  def __call__(self, info: StepInfo) -> None:
+    """After a step for which `due` is true."""
+
+  def end(self, info: StepInfo) -> None:
+    """After the loop: the last step, or a SIGTERM (info.stopped)."""
+
+  def close(self) -> None:
+    """Releases what the hook holds; called even when the loop raised."""
+
+
+class StopRequest:
+  """Turns SIGTERM into "save at the current step and exit 0"."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. inside a notebook worker)
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+  def agreed(self) -> bool:
+    """True when any process got SIGTERM. Every process must take the same branch:
+    saving is collective, and so is the next train step."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.int32(self.requested))
+    self.requested = bool(np.max(flags))
+    return self.requested
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def run(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, data, train_steps: int,
+        hooks: Sequence[Hook]) -> StepInfo:
+  """Steps until `train_steps` (or SIGTERM), calling `hooks`; returns the last StepInfo.
+
+  Args:
+    trainer: compiles the train step.
+    state: the state to start from (its step is where the loop starts).
+    data: an iterator of host-local batches with `last_batch_hash`.
+    train_steps: the step to stop at.
+    hooks: called in order; every hook is closed at the end, also on error.
+  """
+  info = StepInfo(step=int(jax.device_get(state.step)), state=state, train_steps=train_steps)
+  try:
+    with StopRequest() as stop:
+      for hook in hooks:
+        hook.start(info)
+      while info.step < train_steps and not stop.agreed():
+        local = next(data)
+        state, metrics = trainer.jit_train_step(state, trainer.shard_batch(local))
+        info = StepInfo(step=info.step + 1, state=state, train_steps=train_steps,
+                        metrics=metrics, loss=float(jax.device_get(metrics['loss'].compute())),
+                        batch_hash=data.last_batch_hash)
+        for hook in hooks:
+          if hook.due(info):
+            hook(info)
+      info = dataclasses.replace(info, stopped=stop.agreed())
+      for hook in hooks:
+        hook.end(info)
+  finally:
+    for hook in hooks:
+      hook.close()
+  return info
+
+
+# --- the standard hooks --------------------------------------------------------------
+
+class MetricsWriter:
+  """Console lines, TensorBoard events and MODEL_DIR/metrics.jsonl (process 0 only).
+
+  `write(kind, step, values)` appends one JSONL record {'kind', 'step', ...}
+  and, for kinds 'train' and 'eval', TensorBoard scalars.
+  """
+
+  def __init__(self, model_dir: str, enabled: bool, tensorboard: bool = True):
+    self.enabled = enabled
+    self._tb = {}
+    self._jsonl = None
+    if enabled:
+      self._jsonl = open(os.path.join(model_dir, 'metrics.jsonl'), 'a')
+      if tensorboard:
+        import tensorboardX  # pylint: disable=g-import-not-at-top
+        self._tb = {k: tensorboardX.SummaryWriter(os.path.join(model_dir, k))
+                    for k in ('train', 'eval')}
+
+  def write(self, kind: str, step: int, values: Dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({'kind': kind, 'step': step, **values}) + '\n')
+    self._jsonl.flush()
+    if kind in self._tb:
+      for k, v in values.items():
+        if isinstance(v, (int, float)) and math.isfinite(v):
+          self._tb[kind].add_scalar(k, v, global_step=step)
+      self._tb[kind].flush()
+
+  def close(self) -> None:
+    if self._jsonl:
+      self._jsonl.close()
+      self._jsonl = None
+    for w in self._tb.values():
+      w.close()
+    self._tb = {}
+
+
+class NonFiniteLoss(Hook):
+  """Stops the run (TrainingError) on a non-finite loss or gradient norm, before
+  any later hook can save that state.
+
+  Args:
+    last_saved: returns the step of the newest checkpoint (for the message).
+  """
+  every = 1
+
+  def __init__(self, last_saved: Callable[[], Optional[int]] = lambda: None):
+    self.last_saved = last_saved
+
+  def __call__(self, info: StepInfo) -> None:
+    # The loss sum, not its mean: a batch without target tokens has an
+    # undefined mean loss but nothing wrong with it.
+    loss_sum, grad_norm = (float(x) for x in jax.device_get(
+        (info.metrics['loss'].total, info.metrics['grad_norm'].compute())))
+    if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+      raise TrainingError(
+          f'loss is {info.loss} (gradient norm {grad_norm}) at step {info.step}; stopping '
+          f'without saving this state (last checkpoint: step {self.last_saved()}): lower the '
+          'learning rate or check the data')
+
+
+class StepRecords(Hook):
+  """One metrics.jsonl record per step: its loss and global batch hash (what
+  bit-exact resume is checked against)."""
+  every = 1
+
+  def __init__(self, writer: MetricsWriter):
+    self.writer = writer
+
+  def __call__(self, info: StepInfo) -> None:
+    self.writer.write('step', info.step, {'loss': info.loss, 'batch_hash': info.batch_hash})
+
+
+class ProgressLog(Hook):
+  """Every `every` steps and at the last: the step's metrics on the console,
+  in metrics.jsonl and TensorBoard, with tokens/s, MFU and ETA over the
+  steps since the previous line.
+
+  Args:
+    writer: where records go.
+    every: steps between lines.
+    tokens_per_step: global tokens a step consumes.
+    flops_per_step: model FLOPs a step does.
+    peak_flops: the machine's peak FLOP/s (the MFU denominator).
+  """
+
+  def __init__(self, writer: MetricsWriter, every: int, tokens_per_step: int,
+               flops_per_step: float, peak_flops: float):
+    self.writer = writer
+    self.every = every
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_step = flops_per_step
+    self.peak_flops = peak_flops
+    self._window_start = self._window_step = None
+
+  def due(self, info: StepInfo) -> bool:
+    return super().due(info) or info.finished
+
+  def start(self, info: StepInfo) -> None:
+    self._window_start, self._window_step = time.perf_counter(), info.step
+
+  def __call__(self, info: StepInfo) -> None:
+    values = metrics_lib.compute(info.metrics)
+    elapsed = time.perf_counter() - self._window_start
+    steps_per_s = (info.step - self._window_step) / max(elapsed, 1e-9)
+    values.update(tokens_per_second=self.tokens_per_step * steps_per_s,
+                  mfu=self.flops_per_step * steps_per_s / self.peak_flops)
+    self.writer.write('train', info.step, values)
+    eta = (info.train_steps - info.step) / max(steps_per_s, 1e-9)
+    chief_print(f'train step {info.step:>6}/{info.train_steps}'
+                f'{metrics_lib.console_fields(info.metrics, values)} | '
+                f'{values["tokens_per_second"]:,.0f} tok/s | MFU {100 * values["mfu"]:.1f}% | '
+                f'ETA {utils.format_duration(eta)}')
+    self._window_start, self._window_step = time.perf_counter(), info.step
+
+
+class Evaluation(Hook):
+  """Validation metrics on fixed batches: at step 0 of a fresh run, every
+  `every` steps, and at the last step.
+
+  Args:
+    trainer: compiles the eval step.
+    batches: host-local validation batches, the same each time.
+    writer: where records go (kind 'eval').
+    every: steps between evaluations (0: only at the start and the end).
+  """
+
+  def __init__(self, trainer: trainer_lib.Trainer, batches: List[Dict[str, np.ndarray]],
+               writer: MetricsWriter, every: int = 0):
+    self.trainer = trainer
+    self.batches = batches
+    self.writer = writer
+    self.every = every
+    self.first: Optional[Dict[str, float]] = None
+    self.last: Optional[Dict[str, float]] = None
+
+  def due(self, info: StepInfo) -> bool:
+    return super().due(info) and not info.finished  # the last one runs in `end`
+
+  def evaluate(self, info: StepInfo) -> Dict[str, float]:
+    metrics = self.trainer.evaluate(info.state.params, self.batches)
+    values = metrics_lib.compute(metrics)
+    self.writer.write('eval', info.step, values)
+    chief_print(f'eval  step {info.step:>6}{metrics_lib.console_fields(metrics, values)}')
+    self.last = values
+    return values
+
+  def start(self, info: StepInfo) -> None:
+    if info.step == 0:
+      self.first = self.evaluate(info)
+
+  def __call__(self, info: StepInfo) -> None:
+    self.evaluate(info)
+
+  def end(self, info: StepInfo) -> None:
+    if info.finished and not info.stopped:
+      self.evaluate(info)
+
+
+class CheckpointPolicy(Hook):
+  """Saves the state and the data position every `every` steps, at the last
+  step, and when SIGTERM stops the run.
+
+  Args:
+    checkpointer: writes checkpoints (and owns their retention).
+    data: the training iterator, whose `state()` is saved with each step.
+    every: steps between checkpoints.
+    last_saved: the step of the checkpoint the run resumed from, if any.
+  """
+
+  def __init__(self, checkpointer: checkpoints.Checkpointer, data, every: int,
+               last_saved: Optional[int] = None):
+    self.checkpointer = checkpointer
+    self.data = data
+    self.every = every
+    self.last_saved = last_saved
+
+  def due(self, info: StepInfo) -> bool:
+    return super().due(info) or info.finished
+
+  def save(self, info: StepInfo) -> None:
+    self.checkpointer.save(info.step, info.state, self.data.state())
+    self.last_saved = info.step
+
+  def __call__(self, info: StepInfo) -> None:
+    self.save(info)
+
+  def end(self, info: StepInfo) -> None:
+    if info.stopped:
+      if self.last_saved != info.step:
+        self.save(info)
+      chief_print(f'SIGTERM: saved a checkpoint at step {info.step}; exiting')
