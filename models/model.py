@@ -149,6 +149,9 @@ class BaseModel(abc.ABC):
         'accuracy': per_token(jnp.sum(correct * weights), '.4f'),
         'perplexity': metrics_lib.Perplexity(ce_sum, weight_sum, console='.2f'),
         'target_tokens': metrics_lib.Sum(weight_sum),
+        # Packing efficiency: the share of the batch's target positions that carry loss.
+        'nonpadding_fraction': metrics_lib.Average(
+            jnp.sum((weights > 0).astype(jnp.float32)), jnp.float32(weights.size), console='.2f'),
     }
     for name, values in stats.items():  # [num_moe_layers] each
       for i in range(values.shape[0]):

@@ -127,7 +127,8 @@ def test_progress_log_writes_console_and_jsonl(trainer, tmp_path, capsys):
   writer.close()
   lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith('train step')]
   assert [l.split('|')[0].split()[-1] for l in lines] == ['2/3', '3/3']  # every 2, and the last
-  for name in ('loss', 'accuracy', 'perplexity', 'learning_rate', 'tok/s', 'MFU', 'ETA'):
+  for name in ('loss', 'accuracy', 'perplexity', 'learning_rate', 'nonpadding_fraction', 'tok/s',
+               'MFU', 'ETA'):
     assert name in lines[0], (name, lines[0])
   with open(os.path.join(tmp_path, 'metrics.jsonl')) as f:
     records = [json.loads(l) for l in f]

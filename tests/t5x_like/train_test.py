@@ -1,8 +1,11 @@
 """End to end: train() from gin on the embedded corpus, checkpoints, resume, bad input."""
 
+import glob
+import json
 import os
 
 import pytest
+import tensorflow as tf
 
 from models import model as model_lib
 from t5x_like import checkpoints
@@ -52,6 +55,18 @@ def test_run_writes_everything_and_learns(full_run):
   with open(os.path.join(model_dir, 'config.gin')) as f:
     assert 'TRAIN_STEPS = 9' in f.read()
   assert any(f.startswith('events.out') for f in os.listdir(os.path.join(model_dir, 'train')))
+  # Every model metric reaches metrics.jsonl and TensorBoard, train and eval alike.
+  with open(os.path.join(model_dir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  for kind in ('train', 'eval'):
+    last = [r for r in records if r['kind'] == kind][-1]
+    assert {'loss', 'cross_entropy', 'accuracy', 'perplexity', 'nonpadding_fraction'} <= set(last)
+    assert 0 < last['nonpadding_fraction'] <= 1
+    tags = set()
+    for event_file in glob.glob(os.path.join(model_dir, kind, 'events.out*')):
+      for event in tf.compat.v1.train.summary_iterator(event_file):
+        tags.update(v.tag for v in event.summary.value)
+    assert {'loss', 'accuracy', 'nonpadding_fraction'} <= tags, (kind, tags)
 
 
 def test_resume_continues_bit_for_bit(full_run, tmp_path):
