@@ -12,7 +12,7 @@ from flax import struct
 from models import config as cfg
 from models import layers
 from pallas_kernels.flash_attention import ops as flash_ops
-from pallas_kernels.flash_attention import reference
+from pallas_kernels.flash_attention import xla
 from partitioning import axes as ax
 from partitioning import partitioner
 
@@ -37,7 +37,7 @@ class Context:
 def dot_product_attention(kernel: cfg.AttentionKernel, q: Array, k: Array, v: Array, *,
                           q_ctx: Context, kv_ctx: Context, causal: bool,
                           alibi_slopes: Optional[Array] = None,
-                          rel_bias: Optional[reference.RelativeBias] = None,
+                          rel_bias: Optional[xla.RelativeBias] = None,
                           dropout_rate: float = 0.0,
                           dropout_rng: Optional[Array] = None) -> Array:
   """The single place an attention implementation is chosen.
@@ -50,9 +50,9 @@ def dot_product_attention(kernel: cfg.AttentionKernel, q: Array, k: Array, v: Ar
                kv_prefix=kv_ctx.prefix if causal else None)
   match kernel:
     case cfg.AttentionKernel.XLA:
-      return reference.attention(q, k, v, **masks, alibi_slopes=alibi_slopes,
-                                 rel_bias=rel_bias, dropout_rate=dropout_rate,
-                                 dropout_rng=dropout_rng)
+      return xla.attention(q, k, v, **masks, alibi_slopes=alibi_slopes,
+                           rel_bias=rel_bias, dropout_rate=dropout_rate,
+                           dropout_rng=dropout_rng)
     case cfg.AttentionKernel.FLASH:
       if dropout_rng is not None and dropout_rate > 0.0:
         raise ValueError('attention_kernel=flash does not apply attention dropout: '
@@ -126,7 +126,7 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, *, q_ctx: Context,
                kv_ctx: Context, causal: bool,
-               rel_bias: Optional[reference.RelativeBias] = None) -> Array:
+               rel_bias: Optional[xla.RelativeBias] = None) -> Array:
     """inputs_q [batch, q_len, embed], inputs_kv [batch, kv_len, embed] -> [batch, q_len, embed]."""
     emb = inputs_q.shape[-1]
     dense = functools.partial(layers.DenseGeneral, use_bias=self.use_bias,
@@ -147,7 +147,7 @@ class MultiHeadAttention(nn.Module):
         q = layers.apply_rope(q, q_ctx.positions, self.rotary_dim, self.rope_max_wavelength)
         k = layers.apply_rope(k, kv_ctx.positions, self.rotary_dim, self.rope_max_wavelength)
       case cfg.PositionEncoding.ALIBI:
-        alibi = jnp.asarray(reference.alibi_slopes(self.num_heads))
+        alibi = jnp.asarray(xla.alibi_slopes(self.num_heads))
       case _:
         pass  # T5 bias arrives as rel_bias; learned positions were added to the embeddings.
 

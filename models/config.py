@@ -46,7 +46,7 @@ class MlpKind(enum.Enum):
 
 
 class AttentionKernel(enum.Enum):
-  XLA = 'xla'  # the jnp reference, compiled by XLA
+  XLA = 'xla'  # pallas_kernels/flash_attention/xla.py: pure jnp, compiled by XLA
   FLASH = 'flash'  # Pallas flash attention (Triton on GPU, Mosaic on TPU, interpreted on CPU)
 
 

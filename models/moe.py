@@ -6,14 +6,18 @@ Routers (`cfg.RouterKind`):
                  (Zhou et al., 2022): each expert is exactly full;
   hash           a fixed hash of the token id picks one expert (PanGu-Sigma's
                  random routing, Roller et al.'s hash layers): no router weights.
+                 Its router logits are fixed: 0 for that expert, -inf for the
+                 others (probability exactly 1 and 0), so it runs as top-1.
 Execution (`cfg.MoeImpl`):
   capacity    Switch/GShard dispatch: per sequence, each expert takes at most
               `capacity` = ceil(k * length * capacity_factor / experts) tokens
               (first choices before second choices, earlier tokens first); the
-              rest are dropped (their expert output is 0). Dense einsums.
-  dropless    every choice is computed: tokens are sorted by expert and run
-              through the Pallas grouped matmul (`moe_routing.gmm_ops`).
-  ragged_dot  dropless through XLA's `jax.lax.ragged_dot`.
+              rest are dropped (their expert output is 0). XLA top-k, dense
+              einsums.
+  dropless    every choice is computed (`moe_routing.routing_ops.moe_dropless`):
+              the Pallas top-k gating kernel, tokens sorted by expert, the
+              Pallas grouped matmul (`moe_routing.gmm_ops`), un-sorted.
+  ragged_dot  the same with XLA's top-k and `jax.lax.ragged_dot`.
 Shared experts (DeepSeek) are a dense MLP every token also goes through.
 
 Router statistics are sown into the `moe` collection (one entry per MoE
@@ -32,7 +36,8 @@ import jax.numpy as jnp
 
 from models import config as cfg
 from models import layers
-from pallas_kernels.moe_routing import reference as routing
+from pallas_kernels.moe_routing import routing_ops
+from pallas_kernels.moe_routing import xla as xla_routing
 from partitioning import axes as ax
 from partitioning import partitioner
 
@@ -158,30 +163,28 @@ class MoeBlock(nn.Module):
     if self.router == cfg.RouterKind.HASH:
       if token_ids is None:
         raise ValueError('hash routing needs the token ids: pass token_ids')
-      experts = hash_experts(token_ids, e)[..., None]  # [batch, length, 1]
-      weights = jnp.ones(experts.shape, jnp.float32)
-      probs = _one_hot(experts[..., 0], e, jnp.float32)
-      z_loss = jnp.zeros((), jnp.float32)
+      # Fixed logits: probability exactly 1 for the hashed expert, so top-1
+      # picks it with gate 1, and the z-loss is exactly 0.
+      logits = jnp.log(_one_hot(hash_experts(token_ids, e), e, jnp.float32))
+      k = 1
     else:
       logits = self._router_logits(x)  # [batch, length, expert]
-      probs = jax.nn.softmax(logits, axis=-1)
-      z_loss = jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
-      if self.router == cfg.RouterKind.TOKEN_CHOICE:
-        weights, experts = routing.top_k_gating(logits.reshape(-1, e), k, self.renormalize)
-        weights, experts = weights.reshape(batch, length, k), experts.reshape(batch, length, k)
+    probs = jax.nn.softmax(logits, axis=-1)
+    z_loss = jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
 
     if self.router == cfg.RouterKind.EXPERT_CHOICE:
       out, stats = self._expert_choice(x, probs, wi, wo, act)
     else:
+      if self.impl == cfg.MoeImpl.CAPACITY:
+        weights, experts = xla_routing.top_k_gating(logits.reshape(-1, e), k, self.renormalize)
+        weights, experts = weights.reshape(batch, length, k), experts.reshape(batch, length, k)
+        out, dropped = self._capacity(x, weights, experts, wi, wo, act)
+      else:
+        (out, experts), dropped = self._dropless(x, logits, k, wi, wo, act), jnp.zeros(())
       chosen = _one_hot(experts, e, jnp.float32).sum(axis=2)  # [batch, length, expert]
       fraction = jnp.mean(chosen, axis=(0, 1)) / experts.shape[-1]  # f_e, sums to 1
       stats = dict(load_balance_loss=e * jnp.sum(fraction * jnp.mean(probs, axis=(0, 1))),
-                   expert_load=jnp.max(fraction) * e)
-      if self.impl == cfg.MoeImpl.CAPACITY:
-        out, dropped = self._capacity(x, weights, experts, wi, wo, act)
-      else:
-        out, dropped = self._dropless(x, weights, experts, wi, wo, act), jnp.zeros(())
-      stats['dropped_fraction'] = dropped
+                   expert_load=jnp.max(fraction) * e, dropped_fraction=dropped)
     stats['router_z_loss'] = z_loss
     if self.router == cfg.RouterKind.HASH:
       stats['load_balance_loss'] = jnp.zeros((), jnp.float32)  # fixed routing: nothing to learn
@@ -263,51 +266,48 @@ class MoeBlock(nn.Module):
     return jax.shard_map(local, in_specs=(rows, slots, slots, (w_in,) * len(wi), w_out),
                          out_specs=rows, check_vma=False)(x, dispatch, combine, wi, wo)
 
-  def _dropless(self, x, weights, experts, wi, wo, act):
-    """Every choice computed: sort token copies by expert, grouped matmuls, un-sort.
+  def _dropless(self, x, logits, k, wi, wo, act):
+    """Every choice computed: `routing_ops.moe_dropless` -> (out, experts [batch, length, k]).
 
-    With an expert mesh axis, each device gathers the routing of its expert
-    group's tokens, runs only its own experts (their rows sorted first), and a
-    reduce-scatter returns every token's sum to the device that holds it.
+    Under a mesh with an expert axis (and always for the Pallas kernels, which
+    have no partitioning rule) it runs per device in shard_map: each device
+    gathers the tokens and router logits of its expert group, gates them (a
+    cheap [tokens, experts] pass, rather than gathering the gates), runs only
+    its own experts, and a reduce-scatter returns every token's sum to the
+    device that holds it.
     """
     batch, length, emb = x.shape
     e = self.num_experts
-    gmm = _grouped_matmul(self.impl)
-    dtype = self.dtype
-    ep, batch_axes, mlp_axis = _expert_parallelism(
-        x.shape, wi[0].shape, always=self.impl == cfg.MoeImpl.DROPLESS)
+    pallas = _runs_pallas(self.impl)
+    ep, batch_axes, mlp_axis = _expert_parallelism(x.shape, wi[0].shape, always=pallas)
+    dropless = functools.partial(routing_ops.moe_dropless, k=k, renormalize=self.renormalize,
+                                 activation=act, gated=len(wi) == 2, pallas=pallas)
 
-    def run(x, weights, experts, wi, wo, first_expert, local_experts):
-      tokens = x.reshape(-1, emb)
-      # Local experts first: their rows lead the sorted order, the rest trail
-      # past sum(group_sizes) where the grouped matmul leaves zeros.
-      shifted = (experts.reshape(tokens.shape[0], -1) - first_expert) % e
-      rows, order, group_sizes = routing.permute(tokens, shifted, e)
-      group_sizes = group_sizes[:local_experts]
-      a = act(gmm(rows, wi[0], group_sizes))
-      if len(wi) == 2:
-        a = a * gmm(rows, wi[1], group_sizes)
-      y = gmm(a.astype(dtype), wo, group_sizes).astype(dtype)
-      if mlp_axis is not None:
-        y = jax.lax.psum(y, mlp_axis)
-      return routing.unpermute(y, order, weights.reshape(tokens.shape[0], -1))
+    def run(x, logits, wi, wo, first_expert=None):
+      out, _, experts = dropless(x.reshape(-1, emb).astype(self.dtype), logits.reshape(-1, e),
+                                 wi, wo, first_expert=first_expert)
+      if mlp_axis is not None:  # the mlp dim is split: partial sums
+        out = jax.lax.psum(out, mlp_axis)
+      return out, experts  # [tokens, embed], [tokens, k]
 
     if not ep:
-      return run(x, weights, experts, wi, wo, 0, e).reshape(batch, length, emb)
+      out, experts = run(x, logits, wi, wo)
+      return out.reshape(batch, length, emb), experts.reshape(batch, length, k)
 
-    def local(x, weights, experts, wi, wo):
+    def local(x, logits, wi, wo):
       b_local = x.shape[0]
       gather = lambda a: jax.lax.all_gather(a, ax.EXPERT_AXIS, axis=0, tiled=True)
-      first = jax.lax.axis_index(ax.EXPERT_AXIS) * (e // ep)
-      out = run(gather(x), gather(weights), gather(experts), wi, wo, first, e // ep)
+      i = jax.lax.axis_index(ax.EXPERT_AXIS)
+      out, experts = run(gather(x), gather(logits), wi, wo, i * (e // ep))
       out = jax.lax.psum_scatter(out, ax.EXPERT_AXIS, scatter_dimension=0, tiled=True)
-      return out.reshape(b_local, length, emb)
+      mine = jax.lax.dynamic_slice_in_dim(experts, i * b_local * length, b_local * length)
+      return out.reshape(b_local, length, emb), mine.reshape(b_local, length, k)
 
     P = jax.sharding.PartitionSpec
     rows = P(batch_axes, None, None)
     w_in, w_out = P(ax.EXPERT_AXIS, None, mlp_axis), P(ax.EXPERT_AXIS, mlp_axis, None)
-    return jax.shard_map(local, in_specs=(rows, rows, rows, (w_in,) * len(wi), w_out),
-                         out_specs=rows, check_vma=False)(x, weights, experts, wi, wo)
+    return jax.shard_map(local, in_specs=(rows, rows, (w_in,) * len(wi), w_out),
+                         out_specs=(rows, rows), check_vma=False)(x, logits, wi, wo)
 
 
 def _experts_on_slots(h: Array, wi, wo, act) -> Array:
@@ -334,12 +334,11 @@ def _expert_parallelism(x_shape, wi_shape, always: bool = False):
   return dict(mesh.shape)[ax.EXPERT_AXIS], batch_axes, mlp_axis
 
 
-def _grouped_matmul(impl: cfg.MoeImpl):
-  """(rows [m, k], weights [experts, k, n], group_sizes [experts]) -> [m, n]."""
+def _runs_pallas(impl: cfg.MoeImpl) -> bool:
+  """Whether a dropless impl runs the Pallas kernels (gating, grouped matmul) or XLA's."""
   match impl:
     case cfg.MoeImpl.RAGGED_DOT:
-      return functools.partial(jax.lax.ragged_dot, preferred_element_type=None)
+      return False  # XLA's top_k and jax.lax.ragged_dot
     case cfg.MoeImpl.DROPLESS:
-      from pallas_kernels.moe_routing import gmm_ops  # pylint: disable=g-import-not-at-top
-      return gmm_ops.gmm
+      return True  # interpreted on CPU
   raise NotImplementedError(impl)

@@ -20,7 +20,7 @@ from models import attention as attn
 from models import config as cfg
 from models import layers
 from models import moe as moe_lib
-from pallas_kernels.flash_attention import reference
+from pallas_kernels.flash_attention import xla
 from partitioning import axes as ax
 
 Array = jax.Array
@@ -67,9 +67,9 @@ class TransformerLayer(nn.Module):
     beta = self.deepnorm_beta if deepnorm else 1.0
     rel_bias = None
     if rel_table is not None:
-      rel_bias = reference.RelativeBias(rel_table, c.relative_attention_num_buckets,
-                                        c.relative_attention_max_distance,
-                                        bidirectional=not self.causal)
+      rel_bias = xla.RelativeBias(rel_table, c.relative_attention_num_buckets,
+                                  c.relative_attention_max_distance,
+                                  bidirectional=not self.causal)
     make_attention = functools.partial(
         attn.MultiHeadAttention, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
         head_dim=c.head_dim, rotary_dim=c.rotary_dim, rope_max_wavelength=c.rope_max_wavelength,

@@ -23,7 +23,8 @@ implementation:
               ([batch, heads, length, head_dim]: transposed inside the timed function).
               Neither takes grouped K/V heads, so for GQA K and V are repeated to the query
               heads inside the timed function (noted in the table);
-  reference   `pallas_kernels.flash_attention.reference.attention`, the models' XLA path
+  reference   `pallas_kernels.flash_attention.xla.attention`, the models' XLA path (and the
+              kernels' reference)
               (not in the default --impls).
 
 it reports the forward and forward+backward throughput (median of --iters jitted runs after
@@ -58,8 +59,9 @@ sys.path.insert(0, ROOT)
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
+from pallas_kernels import backend as backend_lib  # pylint: disable=wrong-import-position
 from pallas_kernels.flash_attention import ops  # pylint: disable=wrong-import-position
-from pallas_kernels.flash_attention import reference  # pylint: disable=wrong-import-position
+from pallas_kernels.flash_attention import xla as xla_attn  # pylint: disable=wrong-import-position
 
 IMPLS = ('ours', 'xla', 'cudnn', 'jax_pallas', 'reference')
 DEFAULTS = dict(lengths='512,1024,2048,4096,8192,16384', head_dims='64,128', heads=16,
@@ -97,14 +99,14 @@ def attention_fn(impl: str, causal: bool, heads: int, kv_heads: int, head_dim: i
   scale = 1.0 / math.sqrt(head_dim)
   gqa_note = f'K/V repeated {heads // kv_heads}x (no GQA)' if heads != kv_heads else ''
   if impl == 'ours':
-    backend, interpret = ops.resolve_backend(None, None)
+    backend, interpret = backend_lib.resolve_backend(None, None)
     note = f'{backend} kernels' + (', Pallas interpreter' if interpret else '')
     return lambda q, k, v: ops.flash_attention(q, k, v, causal=causal), note
   if impl == 'xla':
     return (lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, implementation='xla')), ''
   if impl == 'reference':
-    return lambda q, k, v: reference.attention(q, k, v, causal=causal), 'models\' XLA path'
+    return lambda q, k, v: xla_attn.attention(q, k, v, causal=causal), 'models\' XLA path'
   if impl == 'cudnn':
     if plat != 'gpu':
       raise Unavailable('GPU only')

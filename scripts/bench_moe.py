@@ -19,15 +19,16 @@ experts x top-k, and every implementation:
               block per token (less the router); one per k, the peer of every MoE row;
   capacity    MoeBlock impl='capacity': Switch/GShard einsum dispatch with
               --capacity_factor (overflow dropped; the dropped fraction is reported);
-  ragged_dot  MoeBlock impl='ragged_dot': sort by expert + `jax.lax.ragged_dot`. XLA:CPU has
-              no grouped matmul: jax lowers it densely (every expert over every row, masked),
-              so on CPU it costs experts x the FLOPs and memory; on GPU it is a real kernel;
-  dropless    MoeBlock impl='dropless': sort by expert + our Pallas grouped matmul
-              (`pallas_kernels.moe_routing.gmm_ops`). On GPU compiled (Triton); on CPU the
-              kernels only run in the Pallas interpreter, so it is skipped unless
-              --interpreted, which runs it at a tiny size (--interpreted_size; dense is rerun
-              at that size for its ratio): a correctness-of-plumbing number, not a
-              performance one.
+  ragged_dot  MoeBlock impl='ragged_dot': XLA top-k, sort by expert, `jax.lax.ragged_dot`.
+              XLA:CPU has no grouped matmul: jax lowers it densely (every expert over every
+              row, masked), so on CPU it costs experts x the FLOPs and memory; on GPU it is a
+              real kernel;
+  dropless    MoeBlock impl='dropless': our Pallas top-k gating, sort by expert, our Pallas
+              grouped matmul (`pallas_kernels.moe_routing.routing_ops.moe_dropless`). On GPU
+              compiled (Triton); on CPU the kernels only run in the Pallas interpreter, so it
+              is skipped unless --interpreted, which runs it at a tiny size
+              (--interpreted_size; dense is rerun at that size for its ratio): a
+              correctness-of-plumbing number, not a performance one.
 
 Each cell is the forward+backward (gradients of the f32 sum of the output with respect to
 the parameters and the input) of one jitted program: tokens/s = batch * length / the median of

@@ -117,10 +117,11 @@ def lower_flash_attention(backend, heads, kv_heads, q_len, kv_len, head_dim, dty
   backend's device on this machine: (forward text, backward text).
 
   features: any of 'causal', 'prefix', 'segments', 'alibi', 't5'. The caller
-  sets `ops._LOWERING_ONLY` (monkeypatch) so interpret=False passes on CPU.
+  traces inside `pallas_kernels.backend.lowering_only()` so interpret=False
+  passes on CPU.
   """
   from pallas_kernels.flash_attention import ops  # pylint: disable=g-import-not-at-top
-  from pallas_kernels.flash_attention import reference as ref  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.flash_attention import xla as ref  # pylint: disable=g-import-not-at-top
   q = jax.ShapeDtypeStruct((2, q_len, heads, head_dim), dtype)
   kv = jax.ShapeDtypeStruct((2, kv_len, kv_heads, head_dim), dtype)
   q_ids = jax.ShapeDtypeStruct((2, q_len), jnp.int32)

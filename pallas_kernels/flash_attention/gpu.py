@@ -21,6 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import backend as backend_lib
 from pallas_kernels.flash_attention import tiles
 from pallas_kernels.flash_attention.tiles import Aux, Spec
 
@@ -38,11 +39,7 @@ class BlockSizes:
   num_stages: int = 2
 
   def __post_init__(self):
-    for f in tiles.BLOCK_FIELDS:
-      b = getattr(self, f)
-      if b < 16 or b & (b - 1):
-        raise ValueError(f'BlockSizes.{f}={b} must be a power of 2 of at least 16 '
-                         '(Triton tiles)')
+    backend_lib.check_tiles(self, tiles.BLOCK_FIELDS, 'gpu')
 
   @classmethod
   def default(cls, head_dim: int) -> 'BlockSizes':
@@ -53,8 +50,8 @@ class BlockSizes:
 
   def clipped(self, q_len: int, kv_len: int) -> 'BlockSizes':
     """Blocks no larger than the (power-of-2 rounded) lengths."""
-    lq = max(16, tiles.next_power_of_2(q_len))
-    lk = max(16, tiles.next_power_of_2(kv_len))
+    lq = max(16, backend_lib.next_power_of_2(q_len))
+    lk = max(16, backend_lib.next_power_of_2(kv_len))
     return dataclasses.replace(
         self, block_q=min(self.block_q, lq), block_k=min(self.block_k, lk),
         block_q_dkv=min(self.block_q_dkv, lq), block_k_dkv=min(self.block_k_dkv, lk),
@@ -71,7 +68,7 @@ class BlockSizes:
 
 def head_dim_multiple(head_dim: int) -> int:
   """head_dim is zero-padded to this (Triton tiles are powers of 2)."""
-  return max(16, tiles.next_power_of_2(head_dim))
+  return max(16, backend_lib.next_power_of_2(head_dim))
 
 
 def _dot(a, b, precision):

@@ -1,15 +1,14 @@
 """Public flash attention: validation, padding, backend choice and the VJP.
 
-`flash_attention` takes exactly the arguments of `reference.attention` (minus
+`flash_attention` takes exactly the arguments of `xla.attention` (minus
 dropout) plus `backend`, `block_sizes` and `interpret`, and returns the same
 values within floating-point tolerance. On GPU it runs the Triton kernels of
 `gpu.py`, on TPU the Mosaic kernels of `tpu.py`; on CPU it runs the GPU
 kernels through the Pallas interpreter (slow: for tests and debugging; the
 models use the XLA path on CPU by default).
 
-Semantics beyond the reference: a query row with no allowed key at all (for
-example a padding query whose segment appears nowhere in the keys) returns
-zeros, as the reference does.
+A query row with no allowed key at all (for example a padding query whose
+segment appears nowhere in the keys) returns zeros, as `xla.attention` does.
 """
 
 import functools
@@ -22,17 +21,9 @@ import numpy as np
 
 from pallas_kernels import backend as backend_lib
 from pallas_kernels.flash_attention import gpu
-from pallas_kernels.flash_attention import reference
 from pallas_kernels.flash_attention import tiles
+from pallas_kernels.flash_attention import xla
 from pallas_kernels.flash_attention.tiles import Aux, Spec
-
-# Tests set this to lower (not run) compiled kernels on a machine without the device.
-_LOWERING_ONLY = False
-
-
-def resolve_backend(backend: Optional[str], interpret: Optional[bool]) -> tuple[str, bool]:
-  """(backend, interpret) for this process: GPU/TPU run compiled, CPU interprets."""
-  return backend_lib.resolve_backend(backend, interpret, lowering_only=_LOWERING_ONLY)
 
 
 def _check_ids(name, x, batch, length):
@@ -71,9 +62,7 @@ def validate(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_positions=No
     if getattr(x, 'ndim', None) != 4:
       raise ValueError(f'{name} must be [batch, length, heads, head_dim]; got shape '
                        f'{getattr(x, "shape", None)}')
-    if x.dtype not in backend_lib.FLOATS:
-      raise ValueError(f'{name} has dtype {x.dtype}; flash attention takes float32, '
-                       'bfloat16 or float16')
+    backend_lib.check_float_array(name, x, '[batch, length, heads, head_dim]')
   if not q.dtype == k.dtype == v.dtype:
     raise ValueError(f'q, k and v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}')
   batch, q_len, heads, head_dim = q.shape
@@ -98,7 +87,7 @@ def validate(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_positions=No
   if kv_pos is None:
     kv_pos = jnp.broadcast_to(jnp.arange(kv_len, dtype=jnp.int32), (batch, kv_len))
   q_pre = kv_pre = None
-  if causal:  # the prefix only widens a causal mask (as in the reference)
+  if causal:  # the prefix only widens a causal mask (as in xla.attention)
     q_pre, kv_pre = _check_pair('prefix', q_prefix, kv_prefix, batch, q_len, kv_len)
 
   slopes = None
@@ -110,8 +99,8 @@ def validate(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_positions=No
   table = None
   num_buckets, max_distance, bidirectional = 32, 128, True
   if rel_bias is not None:
-    if not isinstance(rel_bias, reference.RelativeBias):
-      raise ValueError(f'rel_bias must be a reference.RelativeBias; got {type(rel_bias)}')
+    if not isinstance(rel_bias, xla.RelativeBias):
+      raise ValueError(f'rel_bias must be an xla.RelativeBias; got {type(rel_bias)}')
     num_buckets, max_distance = int(rel_bias.num_buckets), int(rel_bias.max_distance)
     bidirectional = bool(rel_bias.bidirectional)
     table = jnp.asarray(rel_bias.table)
@@ -138,10 +127,9 @@ def _pad(q, k, v, aux: Aux, spec: Spec, q_multiple: int, kv_multiple: int,
   """Pads lengths to whole blocks (padding masked by segment ids) and head_dim."""
   batch, q_len = aux.q_positions.shape
   kv_len = aux.kv_positions.shape[1]
-  lq = -(-q_len // q_multiple) * q_multiple
-  lk = -(-kv_len // kv_multiple) * kv_multiple
-  d = q.shape[-1]
-  dp = -(-d // head_multiple) * head_multiple
+  lq = backend_lib.round_up(q_len, q_multiple)
+  lk = backend_lib.round_up(kv_len, kv_multiple)
+  dp = backend_lib.round_up(q.shape[-1], head_multiple)
   q = tiles.pad_to(tiles.pad_to(q, 1, lq, 0), 3, dp, 0)
   k = tiles.pad_to(tiles.pad_to(k, 1, lk, 0), 3, dp, 0)
   v = tiles.pad_to(tiles.pad_to(v, 1, lk, 0), 3, dp, 0)
@@ -162,27 +150,24 @@ def _pad(q, k, v, aux: Aux, spec: Spec, q_multiple: int, kv_multiple: int,
   return q, k, v, aux, spec
 
 
-def _module(backend):
-  return backend_lib.load('pallas_kernels.flash_attention.{}', backend)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _flash(q, k, v, table, aux, spec, backend, bs, interpret):
-  out, _ = _module(backend).forward(q, k, v, aux._replace(rel_table=table), spec, bs,
-                                    interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _flash(q, k, v, table, aux, spec, kernels):
+  out, _ = kernels.module.forward(q, k, v, aux._replace(rel_table=table), spec,
+                                  kernels.block_sizes, kernels.interpret)
   return out
 
 
-def _flash_fwd(q, k, v, table, aux, spec, backend, bs, interpret):
-  out, lse = _module(backend).forward(q, k, v, aux._replace(rel_table=table), spec, bs,
-                                      interpret)
+def _flash_fwd(q, k, v, table, aux, spec, kernels):
+  out, lse = kernels.module.forward(q, k, v, aux._replace(rel_table=table), spec,
+                                    kernels.block_sizes, kernels.interpret)
   return out, (q, k, v, table, aux, out, lse)
 
 
-def _flash_bwd(spec, backend, bs, interpret, res, do):
+def _flash_bwd(spec, kernels, res, do):
   q, k, v, table, aux, out, lse = res
-  dq, dk, dv, dtable = _module(backend).backward(
-      q, k, v, aux._replace(rel_table=table), spec, bs, out, lse, do, interpret)
+  dq, dk, dv, dtable = kernels.module.backward(
+      q, k, v, aux._replace(rel_table=table), spec, kernels.block_sizes, out, lse, do,
+      kernels.interpret)
   if table is not None:
     dtable = dtable.astype(table.dtype)
   daux = jax.tree.map(lambda x: None, aux)
@@ -190,11 +175,6 @@ def _flash_bwd(spec, backend, bs, interpret, res, do):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
-
-
-def default_block_sizes(backend: str, head_dim: int):
-  """Tuned defaults per backend and head_dim."""
-  return _module(backend).BlockSizes.default(head_dim)
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -206,7 +186,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                     q_prefix: Optional[jax.Array] = None,
                     kv_prefix: Optional[jax.Array] = None,
                     alibi_slopes: Optional[jax.Array] = None,
-                    rel_bias: Optional[reference.RelativeBias] = None,
+                    rel_bias: Optional[xla.RelativeBias] = None,
                     scale: Optional[float] = None,
                     backend: Optional[str] = None,
                     block_sizes: Optional[Union['gpu.BlockSizes', object]] = None,
@@ -227,7 +207,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     rel_bias: T5 relative-position bias; its table gets a gradient.
     scale: softmax scale, 1/sqrt(head_dim) by default.
     backend: 'gpu' (Triton) or 'tpu' (Mosaic); None picks the default device's.
-    block_sizes: the backend's BlockSizes; None uses default_block_sizes.
+    block_sizes: the backend's BlockSizes (`gpu.BlockSizes`, `tpu.BlockSizes`);
+      None: its default for this head_dim.
     interpret: run in the Pallas interpreter; None: only when the default
       device cannot run the backend (CPU).
 
@@ -241,19 +222,12 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                        q_positions=q_positions, kv_positions=kv_positions, causal=causal,
                        q_prefix=q_prefix, kv_prefix=kv_prefix, alibi_slopes=alibi_slopes,
                        rel_bias=rel_bias, scale=scale)
-  backend, interpret = resolve_backend(backend, interpret)
-  module = _module(backend)
-  batch, q_len, heads, head_dim = q.shape
-  kv_len = k.shape[1]
-  if block_sizes is None:
-    block_sizes = module.BlockSizes.default(head_dim)
-  elif not isinstance(block_sizes, module.BlockSizes):
-    raise ValueError(f'block_sizes is a {type(block_sizes).__module__}.'
-                     f'{type(block_sizes).__name__}; the {backend} backend takes '
-                     f'{module.__name__}.BlockSizes')
-  bs = block_sizes.clipped(q_len, kv_len)
+  q_len, head_dim = q.shape[1], q.shape[3]
+  kernels = backend_lib.select('pallas_kernels.flash_attention.{}', backend, interpret,
+                               block_sizes, default=(head_dim,), clip=(q_len, k.shape[1]))
+  bs = kernels.block_sizes
   qp, kp, vp, aux, spec = _pad(q, k, v, aux, spec, bs.q_multiple, bs.kv_multiple,
-                               module.head_dim_multiple(head_dim))
+                               kernels.module.head_dim_multiple(head_dim))
   table = aux.rel_table
-  out = _flash(qp, kp, vp, table, aux._replace(rel_table=None), spec, backend, bs, interpret)
+  out = _flash(qp, kp, vp, table, aux._replace(rel_table=None), spec, kernels)
   return out[:, :q_len, :, :head_dim]

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.flash_attention import reference
+from pallas_kernels.flash_attention import xla
 
-MASK_VALUE = reference.MASK_VALUE
+MASK_VALUE = xla.MASK_VALUE
 LOG2E = math.log2(math.e)
 
 # Block classes: what a (query block, key block) pair needs.
@@ -92,7 +92,7 @@ def tile_mask(spec: Spec, q_pos, kv_pos, q_seg=None, kv_seg=None, q_pre=None,
 
 def t5_buckets(spec: Spec, q_pos, kv_pos) -> jax.Array:
   """[block_q, block_k] int32 T5 buckets of kv_pos - q_pos."""
-  return reference.relative_position_bucket(kv_pos - q_pos, spec.bidirectional,
+  return xla.relative_position_bucket(kv_pos - q_pos, spec.bidirectional,
                                             spec.num_buckets, spec.max_distance)
 
 
@@ -179,10 +179,6 @@ def block_range(classes: jax.Array) -> tuple[jax.Array, jax.Array]:
   hi = jnp.max(jnp.where(live, idx + 1, 0), axis=-1)
   lo = jnp.minimum(lo, hi)
   return lo.astype(jnp.int32), hi.astype(jnp.int32)
-
-
-def next_power_of_2(n: int) -> int:
-  return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
 def pad_to(x: Optional[jax.Array], axis: int, size: int, value) -> Optional[jax.Array]:

@@ -30,6 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import backend as backend_lib
 from pallas_kernels.flash_attention import tiles
 from pallas_kernels.flash_attention.tiles import Aux, Spec
 
@@ -37,10 +38,6 @@ SUBLANES = 8
 LANES = 128
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
-
-
-def _round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +55,7 @@ class BlockSizes:
   block_k_dq: int = 256
 
   def __post_init__(self):
-    for f in tiles.BLOCK_FIELDS:
-      b = getattr(self, f)
-      if b <= 0 or b % 8:
-        raise ValueError(f'BlockSizes.{f}={b!r} must be a positive multiple of 8 (TPU '
-                         'sublanes; multiples of 128 fill the lanes)')
+    backend_lib.check_tiles(self, tiles.BLOCK_FIELDS, 'tpu')
 
   @classmethod
   def default(cls, head_dim: int) -> 'BlockSizes':
@@ -84,7 +77,7 @@ class BlockSizes:
     accepts whatever its size).
     """
     def clip(blocks, n):
-      n8 = _round_up(n, 8)
+      n8 = backend_lib.round_up(n, 8)
       fits = [b for b in blocks if b <= n8]
       cap = max(fits) if fits else n8
       return [min(b, cap) for b in blocks]

@@ -1,11 +1,12 @@
 """Public top-k gating: validation, padding, backend choice and the VJP.
 
-`top_k_gating` takes the arguments of `reference.top_k_gating` plus `backend`,
+`top_k_gating` takes the arguments of `xla.top_k_gating` plus `backend`,
 `block_sizes` and `interpret`, and returns the same experts exactly (ties to
 the lower index, like lax.top_k) and the same weights within floating-point
 tolerance. On GPU it runs the Triton kernels of `gating_gpu.py`, on TPU the
-Mosaic kernels of `gating_tpu.py` (the same kernel bodies); on CPU the GPU
-kernels run in the Pallas interpreter (slow: for tests and debugging).
+Mosaic kernels of `gating_tpu.py` (the same kernel bodies, from `tiles.py`);
+on CPU the GPU kernels run in the Pallas interpreter (slow: for tests and
+debugging).
 
 The weights are differentiable in the logits through a `jax.custom_vjp`
 whose backward is a Pallas kernel too. It keeps only the logits (the
@@ -16,7 +17,7 @@ reading back an f32 copy of them, and the recomputed probabilities are
 bit-identical to the forward's (same body).
 
 Logits containing nan are not supported (no expert attains a nan maximum;
-the reference's choice is lax.top_k's).
+`xla.top_k_gating`'s choice is lax.top_k's).
 """
 
 import functools
@@ -28,14 +29,6 @@ import numpy as np
 
 from pallas_kernels import backend as backend_lib
 
-# Tests set this to lower (not run) compiled kernels on a machine without the device.
-_LOWERING_ONLY = False
-
-
-def _module(backend):
-  return backend_lib.load('pallas_kernels.moe_routing.gating_{}', backend)
-
-
 
 # ------------------------------------------------------------ custom VJP
 # On padded logits [tokens, ep] (whole token blocks, -inf expert columns) and
@@ -43,21 +36,23 @@ def _module(backend):
 # autodiff carries the cotangents through the pads and slices.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
-def _gating(logits, k, renormalize, backend, bs, interpret):
-  return _module(backend).forward(logits, k, renormalize, bs, interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _gating(logits, k, renormalize, kernels):
+  return kernels.module.forward(logits, k, renormalize, kernels.block_sizes,
+                                interpret=kernels.interpret)
 
 
-def _gating_fwd(logits, k, renormalize, backend, bs, interpret):
-  weights, experts = _gating(logits, k, renormalize, backend, bs, interpret)
+def _gating_fwd(logits, k, renormalize, kernels):
+  weights, experts = _gating(logits, k, renormalize, kernels)
   return (weights, experts), (logits, experts)
 
 
-def _gating_bwd(k, renormalize, backend, bs, interpret, res, cotangents):
+def _gating_bwd(k, renormalize, kernels, res, cotangents):
   logits, experts = res
   dweights, _ = cotangents  # experts are integers: their cotangent is float0
-  dlogits = _module(backend).backward(logits, experts, dweights.astype(jnp.float32), k,
-                                      renormalize, bs, interpret=interpret)
+  dlogits = kernels.module.backward(logits, experts, dweights.astype(jnp.float32), k,
+                                    renormalize, kernels.block_sizes,
+                                    interpret=kernels.interpret)
   return (dlogits,)
 
 
@@ -90,12 +85,7 @@ def top_k_gating(logits: jax.Array, k: int, renormalize: bool = True, *,
     int32; ties go to the lower expert index (lax.top_k's order). Only the
     weights are differentiable (in logits).
   """
-  if getattr(logits, 'ndim', None) != 2:
-    raise ValueError(f'logits must have rank 2 ([num_tokens, num_experts]); got shape '
-                     f'{getattr(logits, "shape", None)}')
-  if logits.dtype not in backend_lib.FLOATS:
-    raise ValueError(f'logits has dtype {logits.dtype}; top-k gating takes float32, '
-                     'bfloat16 or float16')
+  backend_lib.check_float_array('logits', logits, '[num_tokens, num_experts]')
   num_tokens, num_experts = logits.shape
   if num_tokens == 0 or num_experts == 0:
     raise ValueError(f'num_tokens={num_tokens} and num_experts={num_experts} must be '
@@ -105,25 +95,18 @@ def top_k_gating(logits: jax.Array, k: int, renormalize: bool = True, *,
   if not isinstance(renormalize, (bool, np.bool_)):
     raise ValueError(f'renormalize={renormalize!r} must be a bool')
   k, renormalize = int(k), bool(renormalize)  # static arguments of the kernels
-  backend, interpret = backend_lib.resolve_backend(backend, interpret,
-                                                   lowering_only=_LOWERING_ONLY)
-  module = _module(backend)
-  if block_sizes is None:
-    block_sizes = module.BlockSizes.default(num_experts)
-  elif not isinstance(block_sizes, module.BlockSizes):
-    raise ValueError(f'block_sizes is a {type(block_sizes).__module__}.'
-                     f'{type(block_sizes).__name__}; the {backend} backend takes '
-                     f'{module.__name__}.BlockSizes')
-  bs = block_sizes.clipped(num_tokens)
+  kernels = backend_lib.select('pallas_kernels.moe_routing.gating_{}', backend, interpret,
+                               block_sizes, default=(num_experts,), clip=(num_tokens,))
 
   # Padded experts get -inf (probability 0, after every real expert: never
   # chosen while k <= num_experts); padded tokens get 0 (finite, sliced off).
-  tokens_p, experts_p = backend_lib.round_up(num_tokens, bs.tm), module.padded_experts(num_experts)
+  tokens_p = backend_lib.round_up(num_tokens, kernels.block_sizes.tm)
+  experts_p = kernels.module.padded_experts(num_experts)
   padded = logits
   if experts_p != num_experts:
     padded = jnp.pad(padded, ((0, 0), (0, experts_p - num_experts)),
                      constant_values=-jnp.inf)
   if tokens_p != num_tokens:
     padded = jnp.pad(padded, ((0, tokens_p - num_tokens), (0, 0)))
-  weights, experts = _gating(padded, k, renormalize, backend, bs, bool(interpret))
+  weights, experts = _gating(padded, k, renormalize, kernels)
   return weights[:num_tokens, :k], experts[:num_tokens, :k]

@@ -1,8 +1,8 @@
 """Top-k gating for TPUs: Pallas kernels lowered through Mosaic.
 
-The kernel bodies are `gating_gpu`'s (backend-neutral jnp: softmax, k rounds
-of max / lowest index attaining it / mask, the VJP through renormalisation
-and softmax); only the blocking differs. One grid step per block of `tm`
+The kernel bodies are `tiles.py`'s (shared with the GPU kernels: softmax, k
+rounds of max / lowest index attaining it / mask, the VJP through
+renormalisation and softmax); only the blocking differs. One grid step per block of `tm`
 tokens (a multiple of 8 sublanes), each holding its whole row of experts,
 padded to a multiple of 128 lanes with -inf logits (probability exactly 0,
 after every real expert: never selected). The narrow outputs, weights and
@@ -19,8 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import backend as backend_lib
-from pallas_kernels.moe_routing import gating_gpu
-
+from pallas_kernels.moe_routing import tiles
 
 
 def padded_experts(num_experts: int) -> int:
@@ -40,9 +39,7 @@ class BlockSizes:
   tm: int = 256
 
   def __post_init__(self):
-    if not isinstance(self.tm, int) or self.tm <= 0 or self.tm % 8:
-      raise ValueError(f'BlockSizes.tm={self.tm!r} must be a positive multiple of 8 (TPU '
-                       'sublanes)')
+    backend_lib.check_tiles(self, ('tm',), 'tpu')
 
   @classmethod
   def default(cls, num_experts: int) -> 'BlockSizes':
@@ -70,23 +67,16 @@ def _call(kernel, tokens: int, tm: int, in_specs, out_specs, out_shape, interpre
 
 def forward(logits: jax.Array, k: int, renormalize: bool, bs: BlockSizes, *,
             interpret: bool = False):
-  """Top-k gating of padded logits.
+  """`gating_ops`' top-k on padded logits [tokens, padded_experts(experts)].
 
-  Args:
-    logits: [tokens, ep] float, tokens a multiple of bs.tm, ep =
-      padded_experts(experts) with -inf in the padded columns.
-    k: experts per token (static), 1 <= k <= the real number of experts.
-    renormalize: divide the k weights by their sum.
-    bs: the token block.
-    interpret: run in the TPU interpreter (CPU) instead of compiling.
-
-  Returns:
-    weights [tokens, k] f32 (largest first) and experts [tokens, k] int32.
+  tokens is a multiple of bs.tm and the padded columns hold -inf. Returns
+  weights (f32, largest first) and experts (int32), both [tokens, k].
+  interpret runs the TPU interpreter (CPU).
   """
   tokens, ep = logits.shape
   out_spec = pl.BlockSpec((bs.tm, k), lambda i: (i, 0))
   return _call(
-      functools.partial(gating_gpu.forward_kernel, k=k, renormalize=renormalize),
+      functools.partial(tiles.gating_forward_kernel, k=k, renormalize=renormalize),
       tokens, bs.tm, [pl.BlockSpec((bs.tm, ep), lambda i: (i, 0))], [out_spec, out_spec],
       [jax.ShapeDtypeStruct((tokens, k), jnp.float32),
        jax.ShapeDtypeStruct((tokens, k), jnp.int32)],
@@ -95,23 +85,16 @@ def forward(logits: jax.Array, k: int, renormalize: bool, bs: BlockSizes, *,
 
 def backward(logits: jax.Array, experts: jax.Array, dweights: jax.Array, k: int,
              renormalize: bool, bs: BlockSizes, *, interpret: bool = False) -> jax.Array:
-  """The logits' cotangent of `forward`'s weights.
+  """The cotangent of `forward`'s weights in its logits (their shape and dtype).
 
-  Args:
-    logits: [tokens, ep], as given to `forward`.
-    experts: [tokens, k] int32, `forward`'s output.
-    dweights: [tokens, k] f32, the weights' cotangent.
-    k, renormalize, bs: as given to `forward`.
-    interpret: run in the TPU interpreter (CPU) instead of compiling.
-
-  Returns:
-    [tokens, ep] in logits' dtype; zero in the padded columns.
+  experts is `forward`'s output and dweights the f32 cotangent of its
+  weights, both [tokens, k].
   """
   tokens, ep = logits.shape
   row_spec = pl.BlockSpec((bs.tm, ep), lambda i: (i, 0))
   narrow_spec = pl.BlockSpec((bs.tm, k), lambda i: (i, 0))
   return _call(
-      functools.partial(gating_gpu.backward_kernel, k=k, renormalize=renormalize),
+      functools.partial(tiles.gating_backward_kernel, k=k, renormalize=renormalize),
       tokens, bs.tm, [row_spec, narrow_spec, narrow_spec], row_spec,
       jax.ShapeDtypeStruct(logits.shape, logits.dtype), interpret,
       'moe_gating_bwd')(logits, experts, dweights)

@@ -29,38 +29,20 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
-
-
-def _next_power_of_2(n: int) -> int:
-  return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+from pallas_kernels import backend as backend_lib
+from pallas_kernels.moe_routing import tiles
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """Tiles of rows (tm), of the contraction (tk) and of output columns (tn).
-
-  Powers of 2 of at least 16 (Triton's dot). For `tgmm` tm tiles the
-  contraction (rows), tk the lhs columns and tn the dout columns.
-  """
+class BlockSizes(tiles.GmmBlockSizes):
+  """tm, tk, tn (see `tiles.GmmBlockSizes`): powers of 2 of at least 16 (Triton's
+  dot); and Triton's launch knobs."""
+  BACKEND = 'gpu'
   tm: int = 64
   tk: int = 64
   tn: int = 128
   num_warps: Optional[int] = None  # None: 4, or 8 for tiles of 128 x 128 and more
   num_stages: int = 3
-
-  def __post_init__(self):
-    for f in ('tm', 'tk', 'tn'):
-      b = getattr(self, f)
-      if not isinstance(b, int) or b < 16 or b & (b - 1):
-        raise ValueError(f'BlockSizes.{f}={b!r} must be a power of 2 of at least 16 '
-                         '(Triton tiles)')
-    if self.num_warps is not None and (self.num_warps < 1 or self.num_warps & (self.num_warps - 1)):
-      raise ValueError(f'BlockSizes.num_warps={self.num_warps!r} must be a power of 2')
-    if self.num_stages < 1:
-      raise ValueError(f'BlockSizes.num_stages={self.num_stages!r} must be positive')
 
   @classmethod
   def default(cls, dtype) -> 'BlockSizes':
@@ -71,33 +53,13 @@ class BlockSizes:
       return cls(tm=64, tk=32, tn=128)
     return cls(tm=64, tk=64, tn=128)
 
-  def clipped(self, m: int, k: int, n: int) -> 'BlockSizes':
-    """Tiles no larger than the (power-of-2 rounded) dimensions."""
-    fit = lambda t, d: min(t, max(16, _next_power_of_2(d)))
-    return dataclasses.replace(self, tm=fit(self.tm, m), tk=fit(self.tk, k),
-                               tn=fit(self.tn, n))
-
-  def swapped(self) -> 'BlockSizes':
-    """The tiles of the problem whose contraction and output columns trade
-    places (gmm's lhs gradient; tgmm with its operands swapped)."""
-    return dataclasses.replace(self, tk=self.tn, tn=self.tk)
+  @staticmethod
+  def dim_cap(d: int) -> int:
+    return max(16, backend_lib.next_power_of_2(d))  # a power of 2
 
   def params(self) -> plgpu.CompilerParams:
     warps = self.num_warps or (8 if self.tm * self.tn >= 128 * 128 else 4)
     return plgpu.CompilerParams(num_warps=warps, num_stages=self.num_stages)
-
-
-def _operands(a, b):
-  """Both operands in their common dtype, and its matmul precision."""
-  dtype = jnp.promote_types(a.dtype, b.dtype)
-  # f32 gets exact f32 products (IEEE, not TF32), so f32 matches the reference.
-  precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
-  return a.astype(dtype), b.astype(dtype), precision
-
-
-def _dot(a, b, dims):
-  a, b, precision = _operands(a, b)
-  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def _tile_groups(offsets: jax.Array, m: int, tm: int):
@@ -128,8 +90,8 @@ def _gmm_kernel(offsets_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref, *, tm: i
       ks = pl.ds(pl.multiple_of(kk * tk, tk), tk)
       a = lhs_ref[:, ks]  # [tm, tk]
       if transpose_rhs:
-        return part + _dot(a, rhs_ref[g, :, ks], _NT)  # rhs tile [tn, tk]
-      return part + _dot(a, rhs_ref[g, ks, :], _NN)  # rhs tile [tk, tn]
+        return part + tiles.dot(a, rhs_ref[g, :, ks], tiles.NT)  # rhs tile [tn, tk]
+      return part + tiles.dot(a, rhs_ref[g, ks, :], tiles.NN)  # rhs tile [tk, tn]
 
     part = lax.fori_loop(0, jnp.where(end > start, nk, 0), k_step,
                          jnp.zeros((tm, tn), jnp.float32))
@@ -143,24 +105,8 @@ def _gmm_kernel(offsets_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref, *, tm: i
 
 def gmm(lhs: jax.Array, rhs: jax.Array, offsets: jax.Array, bs: BlockSizes, *,
         transpose_rhs: bool = False, out_dtype=None, interpret: bool = False) -> jax.Array:
-  """Grouped matmul out[rows of g] = lhs[rows of g] @ rhs[g].
-
-  Args:
-    lhs: [m, k], m and k whole multiples of bs.tm and bs.tk.
-    rhs: [num_groups, k, n] ([num_groups, n, k] with transpose_rhs), n a
-      whole multiple of bs.tn.
-    offsets: int32 [num_groups + 1], group g owns rows [offsets[g], offsets[g + 1]).
-    bs: tile sizes.
-    transpose_rhs: multiply by rhs[g].T.
-    out_dtype: output dtype (None: lhs's).
-    interpret: run in the Pallas interpreter instead of compiling.
-
-  Returns:
-    [m, n]; rows in no group are zero.
-  """
-  m, k = lhs.shape
-  num_groups = rhs.shape[0]
-  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  """out[rows of g] = lhs[rows of g] @ rhs[g], on whole tiles (see `gmm_ops`)."""
+  m, k, n, num_groups = tiles.gmm_dims(lhs, rhs, transpose_rhs)
   tm, tk, tn = bs.tm, bs.tk, bs.tn
   lo, hi = _tile_groups(offsets, m, tm)
   if transpose_rhs:
@@ -196,7 +142,7 @@ def _tgmm_kernel(offsets_ref, lhs_ref, dout_ref, out_ref, *, tm: int, tk: int, t
     # may hold inf or nan, and 0 * inf would leak into this group's sums.
     a = jnp.where(in_group, lhs_ref[rs, :], 0)  # [tm, tk]
     b = jnp.where(in_group, dout_ref[rs, :], 0)  # [tm, tn]
-    return acc + _dot(a, b, _TN)
+    return acc + tiles.dot(a, b, tiles.TN)
 
   acc = lax.fori_loop(first, last, m_step, jnp.zeros((tk, tn), jnp.float32))
   out_ref[...] = acc.astype(out_ref.dtype)
@@ -204,21 +150,8 @@ def _tgmm_kernel(offsets_ref, lhs_ref, dout_ref, out_ref, *, tm: int, tk: int, t
 
 def tgmm(lhs: jax.Array, dout: jax.Array, offsets: jax.Array, bs: BlockSizes, *,
          out_dtype=None, interpret: bool = False) -> jax.Array:
-  """Transposed grouped matmul out[g] = lhs[rows of g].T @ dout[rows of g].
-
-  Args:
-    lhs: [m, k]; dout: [m, n]; m, k and n whole multiples of bs.tm, bs.tk, bs.tn.
-    offsets: int32 [num_groups + 1], group g owns rows [offsets[g], offsets[g + 1]).
-    bs: tile sizes (tm tiles the contracted rows).
-    out_dtype: output dtype (None: lhs's).
-    interpret: run in the Pallas interpreter instead of compiling.
-
-  Returns:
-    [num_groups, k, n]; zeros for an empty group.
-  """
-  m, k = lhs.shape
-  n = dout.shape[1]
-  num_groups = offsets.shape[0] - 1
+  """out[g] = lhs[rows of g].T @ dout[rows of g], on whole tiles (see `gmm_ops`)."""
+  (m, k), n, num_groups = lhs.shape, dout.shape[1], offsets.shape[0] - 1
   tm, tk, tn = bs.tm, bs.tk, bs.tn
   return pl.pallas_call(
       functools.partial(_tgmm_kernel, tm=tm, tk=tk, tn=tn),

@@ -7,10 +7,10 @@ on TPU the Mosaic kernels of `gmm_tpu.py`; on CPU the GPU kernels run in the
 Pallas interpreter (slow: for tests and debugging).
 
 Both are differentiable in their float arguments (never in group_sizes), and
-each one's VJP is made of the two kernels: for out = gmm(lhs, rhs),
-d lhs = gmm(d out, rhs, transpose_rhs=True) and d rhs = tgmm(lhs, d out); for
-out = tgmm(lhs, dout), d lhs = gmm(dout, d out, transpose_rhs=True) and
-d dout = gmm(lhs, d out).
+each one's VJP is made of the two functions themselves (so it is
+differentiable again): for out = gmm(lhs, rhs), d lhs = gmm(d out, rhs,
+transpose_rhs=True) and d rhs = tgmm(lhs, d out); for out = tgmm(lhs, dout),
+d lhs = gmm(dout, d out, transpose_rhs=True) and d dout = gmm(lhs, d out).
 
 group_sizes is read at run time (under jit it may be traced; shapes never
 depend on it). As in the reference (`gmm_reference.group_offsets`), a negative
@@ -25,26 +25,13 @@ import jax.numpy as jnp
 
 from pallas_kernels import backend as backend_lib
 from pallas_kernels.moe_routing import gmm_reference
-
-# Tests set this to lower (not run) compiled kernels on a machine without the device.
-_LOWERING_ONLY = False
-
-
-def _module(backend):
-  return backend_lib.load('pallas_kernels.moe_routing.gmm_{}', backend)
-
+from pallas_kernels.moe_routing import tiles
 
 
 def _pad(x: jax.Array, shape) -> jax.Array:
   if x.shape == tuple(shape):
     return x
   return jnp.pad(x, [(0, s - d) for d, s in zip(x.shape, shape)])
-
-
-def _check_float(name: str, x) -> None:
-  if getattr(x, 'dtype', None) not in backend_lib.FLOATS:
-    raise ValueError(f'{name} has dtype {getattr(x, "dtype", type(x).__name__)}; grouped '
-                     'matmuls take float32, bfloat16 or float16')
 
 
 def _check_group_sizes(group_sizes, num_groups: int, groups_from: str) -> jax.Array:
@@ -70,73 +57,98 @@ def _out_dtype(preferred_element_type, *inputs):
   return dtype
 
 
-def _setup(backend, block_sizes, interpret, dtype, m: int, k: int, n: int):
-  """(backend, its clipped block sizes, interpret) for a problem [m, k] x [k, n]."""
-  backend, interpret = backend_lib.resolve_backend(backend, interpret,
-                                                   lowering_only=_LOWERING_ONLY)
-  module = _module(backend)
-  if block_sizes is None:
-    block_sizes = module.BlockSizes.default(dtype)
-  elif not isinstance(block_sizes, module.BlockSizes):
-    raise ValueError(f'block_sizes is a {type(block_sizes).__module__}.'
-                     f'{type(block_sizes).__name__}; the {backend} backend takes '
-                     f'{module.__name__}.BlockSizes')
-  return backend, block_sizes.clipped(m, k, n), interpret
+def _select(backend, block_sizes, interpret, dtype, m: int, k: int, n: int
+            ) -> backend_lib.Kernels:
+  """The kernels for a problem [m, k] x [k, n] (tiles clipped to it)."""
+  return backend_lib.select('pallas_kernels.moe_routing.gmm_{}', backend, interpret,
+                            block_sizes, default=(dtype,), clip=(m, k, n))
+
+
+def _again(kernels: backend_lib.Kernels, block_sizes) -> dict:
+  """The public functions' arguments that rerun `kernels` with other tiles."""
+  return dict(backend=kernels.backend, block_sizes=block_sizes, interpret=kernels.interpret)
+
+
+def _common(a: jax.Array, b: jax.Array):
+  """Both in their common dtype: the public functions take one dtype, and the
+  kernels promote the operands of every tile product to it anyway (exact)."""
+  dtype = jnp.promote_types(a.dtype, b.dtype)
+  return a.astype(dtype), b.astype(dtype)
 
 
 # ----------------------------------------------------------- custom VJPs
-# Both work on padded arrays (whole tiles) and the group offsets; the public
-# functions pad before and slice after, and autodiff carries the cotangents
-# through the pads and slices.
+# Each backend module's kernels take arrays padded to whole tiles (m, k and n
+# multiples of the clipped BlockSizes' tm, tk and tn) and the int32 group
+# offsets [num_groups + 1] of `gmm_reference.group_offsets` (cut at the real
+# m):
+#   gmm(lhs [m, k], rhs [groups, k, n] (or [groups, n, k] with transpose_rhs),
+#       offsets, bs, *, transpose_rhs, out_dtype, interpret) -> [m, n], zero in
+#       the rows of no group;
+#   tgmm(lhs [m, k], dout [m, n], offsets, bs, *, out_dtype, interpret)
+#       -> [groups, k, n], zero for an empty group.
+# The VJPs below are the public `gmm` and `tgmm` again (so gradients of
+# gradients work too), padding and slicing for themselves.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _gmm(lhs, rhs, offsets, transpose_rhs, out_dtype, backend, bs, interpret):
-  return _module(backend).gmm(lhs, rhs, offsets, bs, transpose_rhs=transpose_rhs,
-                              out_dtype=out_dtype, interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _gmm(lhs, rhs, group_sizes, transpose_rhs, out_dtype, kernels):
+  (m, k, n, groups), bs = tiles.gmm_dims(lhs, rhs, transpose_rhs), kernels.block_sizes
+  mp, kp, np_ = (backend_lib.round_up(d, t) for d, t in ((m, bs.tm), (k, bs.tk), (n, bs.tn)))
+  rhs_shape = (groups, np_, kp) if transpose_rhs else (groups, kp, np_)
+  out = kernels.module.gmm(_pad(lhs, (mp, kp)), _pad(rhs, rhs_shape),
+                           gmm_reference.group_offsets(group_sizes, m), bs,
+                           transpose_rhs=transpose_rhs, out_dtype=out_dtype,
+                           interpret=kernels.interpret)
+  return out[:m, :n]
 
 
-def _gmm_fwd(lhs, rhs, offsets, transpose_rhs, out_dtype, backend, bs, interpret):
-  out = _gmm(lhs, rhs, offsets, transpose_rhs, out_dtype, backend, bs, interpret)
-  return out, (lhs, rhs, offsets)
+def _gmm_fwd(lhs, rhs, group_sizes, transpose_rhs, out_dtype, kernels):
+  out = _gmm(lhs, rhs, group_sizes, transpose_rhs, out_dtype, kernels)
+  return out, (lhs, rhs, group_sizes)
 
 
-def _gmm_bwd(transpose_rhs, out_dtype, backend, bs, interpret, res, dout):
+def _gmm_bwd(transpose_rhs, out_dtype, kernels, res, dout):
   del out_dtype
-  lhs, rhs, offsets = res  # lhs [m, k], dout [m, n]
-  module = _module(backend)
+  lhs, rhs, group_sizes = res  # lhs [m, k], dout [m, n]
+  bs = kernels.block_sizes
   # d lhs contracts over n and has k columns: the tiles of tk and tn swap.
-  dlhs = module.gmm(dout, rhs, offsets, bs.swapped(), transpose_rhs=not transpose_rhs,
-                    out_dtype=lhs.dtype, interpret=interpret)
+  dlhs = gmm(*_common(dout, rhs), group_sizes, transpose_rhs=not transpose_rhs,
+             preferred_element_type=lhs.dtype, **_again(kernels, bs.swapped()))
   if transpose_rhs:  # rhs [groups, n, k]: tgmm with swapped operands, no transpose
-    drhs = module.tgmm(dout, lhs, offsets, bs.swapped(), out_dtype=rhs.dtype,
-                       interpret=interpret)
+    drhs = tgmm(*_common(dout, lhs), group_sizes, preferred_element_type=rhs.dtype,
+                **_again(kernels, bs.swapped()))
   else:
-    drhs = module.tgmm(lhs, dout, offsets, bs, out_dtype=rhs.dtype, interpret=interpret)
+    drhs = tgmm(*_common(lhs, dout), group_sizes, preferred_element_type=rhs.dtype,
+                **_again(kernels, bs))
   return dlhs, drhs, None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _tgmm(lhs, dout, offsets, out_dtype, backend, bs, interpret):
-  return _module(backend).tgmm(lhs, dout, offsets, bs, out_dtype=out_dtype,
-                               interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _tgmm(lhs, dout, group_sizes, out_dtype, kernels):
+  (m, k), n, bs = lhs.shape, dout.shape[1], kernels.block_sizes
+  mp, kp, np_ = (backend_lib.round_up(d, t) for d, t in ((m, bs.tm), (k, bs.tk), (n, bs.tn)))
+  out = kernels.module.tgmm(_pad(lhs, (mp, kp)), _pad(dout, (mp, np_)),
+                            gmm_reference.group_offsets(group_sizes, m), bs,
+                            out_dtype=out_dtype, interpret=kernels.interpret)
+  return out[:, :k, :n]
 
 
-def _tgmm_fwd(lhs, dout, offsets, out_dtype, backend, bs, interpret):
-  out = _tgmm(lhs, dout, offsets, out_dtype, backend, bs, interpret)
-  return out, (lhs, dout, offsets)
+def _tgmm_fwd(lhs, dout, group_sizes, out_dtype, kernels):
+  out = _tgmm(lhs, dout, group_sizes, out_dtype, kernels)
+  return out, (lhs, dout, group_sizes)
 
 
-def _tgmm_bwd(out_dtype, backend, bs, interpret, res, g):
+def _tgmm_bwd(out_dtype, kernels, res, g):
   del out_dtype
-  lhs, dout, offsets = res  # lhs [m, k], dout [m, n], g [groups, k, n]
-  module = _module(backend)
-  dlhs = module.gmm(dout, g, offsets, bs.swapped(), transpose_rhs=True, out_dtype=lhs.dtype,
-                    interpret=interpret)
-  ddout = module.gmm(lhs, g, offsets, bs, out_dtype=dout.dtype, interpret=interpret)
+  lhs, dout, group_sizes = res  # lhs [m, k], dout [m, n], g [groups, k, n]
+  bs = kernels.block_sizes
+  dlhs = gmm(*_common(dout, g), group_sizes, transpose_rhs=True,
+             preferred_element_type=lhs.dtype, **_again(kernels, bs.swapped()))
+  ddout = gmm(*_common(lhs, g), group_sizes, preferred_element_type=dout.dtype,
+              **_again(kernels, bs))
   return dlhs, ddout, None
 
 
@@ -173,10 +185,9 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
 
   m, k and n need not divide the tiles: inputs are zero-padded to whole tiles.
   """
-  for name, x, rank in (('lhs', lhs, 2), ('rhs', rhs, 3)):
-    if getattr(x, 'ndim', None) != rank:
-      raise ValueError(f'{name} must have rank {rank}; got shape {getattr(x, "shape", None)}')
-    _check_float(name, x)
+  backend_lib.check_float_array('lhs', lhs, '[m, k]')
+  backend_lib.check_float_array(
+      'rhs', rhs, '[num_groups, n, k]' if transpose_rhs else '[num_groups, k, n]')
   if lhs.dtype != rhs.dtype:
     raise ValueError(f'lhs and rhs must share a dtype; got {lhs.dtype} and {rhs.dtype}')
   m, k = lhs.shape
@@ -192,15 +203,9 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
   if min(m, k, n, num_groups) == 0:
     raise ValueError(f'm={m}, k={k}, n={n} and num_groups={num_groups} must be positive')
   group_sizes = _check_group_sizes(group_sizes, num_groups, 'rhs.shape[0]')
-  out_dtype = _out_dtype(preferred_element_type, lhs, rhs)
-  backend, bs, interpret = _setup(backend, block_sizes, interpret, lhs.dtype, m, k, n)
-
-  mp, kp, np_ = backend_lib.round_up(m, bs.tm), backend_lib.round_up(k, bs.tk), backend_lib.round_up(n, bs.tn)
-  rhs_shape = (num_groups, np_, kp) if transpose_rhs else (num_groups, kp, np_)
-  offsets = gmm_reference.group_offsets(group_sizes, m)  # cut at the real m
-  out = _gmm(_pad(lhs, (mp, kp)), _pad(rhs, rhs_shape), offsets, bool(transpose_rhs),
-             out_dtype, backend, bs, interpret)
-  return out[:m, :n]
+  kernels = _select(backend, block_sizes, interpret, lhs.dtype, m, k, n)
+  return _gmm(lhs, rhs, group_sizes, bool(transpose_rhs),
+              _out_dtype(preferred_element_type, lhs, rhs), kernels)
 
 
 def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *,
@@ -225,10 +230,8 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *,
   Returns:
     [num_groups, k, n]; zeros for an empty group.
   """
-  for name, x in (('lhs', lhs), ('dout', dout)):
-    if getattr(x, 'ndim', None) != 2:
-      raise ValueError(f'{name} must have rank 2; got shape {getattr(x, "shape", None)}')
-    _check_float(name, x)
+  backend_lib.check_float_array('lhs', lhs, '[m, k]')
+  backend_lib.check_float_array('dout', dout, '[m, n]')
   if lhs.dtype != dout.dtype:
     raise ValueError(f'lhs and dout must share a dtype; got {lhs.dtype} and {dout.dtype}')
   (m, k), n = lhs.shape, dout.shape[1]
@@ -242,11 +245,6 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *,
   if min(m, k, n, num_groups) == 0:
     raise ValueError(f'm={m}, k={k}, n={n} and num_groups={num_groups} must be positive')
   group_sizes = _check_group_sizes(group_sizes, num_groups, 'its length')
-  out_dtype = _out_dtype(preferred_element_type, lhs, dout)
-  backend, bs, interpret = _setup(backend, block_sizes, interpret, lhs.dtype, m, k, n)
-
-  mp, kp, np_ = backend_lib.round_up(m, bs.tm), backend_lib.round_up(k, bs.tk), backend_lib.round_up(n, bs.tn)
-  offsets = gmm_reference.group_offsets(group_sizes, m)
-  out = _tgmm(_pad(lhs, (mp, kp)), _pad(dout, (mp, np_)), offsets, out_dtype, backend, bs,
-              interpret)
-  return out[:, :k, :n]
+  kernels = _select(backend, block_sizes, interpret, lhs.dtype, m, k, n)
+  return _tgmm(lhs, dout, group_sizes, _out_dtype(preferred_element_type, lhs, dout),
+               kernels)

@@ -35,32 +35,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import backend as backend_lib
-
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
-
+from pallas_kernels.moe_routing import tiles
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """Tiles of rows (tm), of the contraction (tk) and of output columns (tn).
-
-  Multiples of 8; on a real TPU tk and tn must also be multiples of 128 (they
-  sit in lanes) unless `clipped` makes them the whole padded dimension. For
-  `tgmm` tm tiles the contraction (rows), tk the lhs columns and tn the dout
-  columns.
-  """
+class BlockSizes(tiles.GmmBlockSizes):
+  """tm, tk, tn (see `tiles.GmmBlockSizes`): multiples of 8; on a real TPU tk and
+  tn must also be multiples of 128 (they sit in lanes) unless `clipped` makes
+  them the whole padded dimension."""
+  BACKEND = 'tpu'
   tm: int = 128
   tk: int = 512
   tn: int = 512
-
-  def __post_init__(self):
-    for f in ('tm', 'tk', 'tn'):
-      b = getattr(self, f)
-      if not isinstance(b, int) or b <= 0 or b % 8:
-        raise ValueError(f'BlockSizes.{f}={b!r} must be a positive multiple of 8 (TPU '
-                         'sublanes; multiples of 128 fill the lanes)')
 
   @classmethod
   def default(cls, dtype) -> 'BlockSizes':
@@ -72,25 +58,11 @@ class BlockSizes:
       return cls(tm=128, tk=256, tn=512)
     return cls()
 
-  def clipped(self, m: int, k: int, n: int) -> 'BlockSizes':
-    """Tiles no larger than the dimensions rounded up to 8 (a tile that spans
-    the whole padded dimension is legal for Mosaic whatever its size)."""
-    fit = lambda t, d: min(t, backend_lib.round_up(d, 8))
-    return dataclasses.replace(self, tm=fit(self.tm, m), tk=fit(self.tk, k),
-                               tn=fit(self.tn, n))
-
-  def swapped(self) -> 'BlockSizes':
-    """The tiles of the problem whose contraction and output columns trade
-    places (gmm's lhs gradient; tgmm with its operands swapped)."""
-    return dataclasses.replace(self, tk=self.tn, tn=self.tk)
-
-
-def _dot(a, b, dims):
-  dtype = jnp.promote_types(a.dtype, b.dtype)
-  # f32 gets exact f32 products (fp32 contract precision on the MXU).
-  precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
-  return lax.dot_general(a.astype(dtype), b.astype(dtype), dims, precision=precision,
-                         preferred_element_type=jnp.float32)
+  @staticmethod
+  def dim_cap(d: int) -> int:
+    # Rounded up to 8: a tile spanning the whole padded dimension is legal for
+    # Mosaic whatever its size.
+    return backend_lib.round_up(d, 8)
 
 
 def _visits(offsets: jax.Array, tm: int, tiles_m: int, *, visit_empty: bool):
@@ -156,7 +128,8 @@ def _gmm_kernel(group_ids, tile_ids, offsets_ref, lhs_ref, rhs_ref, out_ref, acc
 
   @pl.when(g < num_groups)  # the tail group's rows stay zero: nothing to multiply
   def _():
-    acc_scr[...] += _dot(lhs_ref[...], rhs_ref[...], _NT if transpose_rhs else _NN)
+    dims = tiles.NT if transpose_rhs else tiles.NN
+    acc_scr[...] += tiles.dot(lhs_ref[...], rhs_ref[...], dims)
 
   @pl.when(kk == nk - 1)
   def _():
@@ -169,24 +142,8 @@ def _gmm_kernel(group_ids, tile_ids, offsets_ref, lhs_ref, rhs_ref, out_ref, acc
 
 def gmm(lhs: jax.Array, rhs: jax.Array, offsets: jax.Array, bs: BlockSizes, *,
         transpose_rhs: bool = False, out_dtype=None, interpret: bool = False) -> jax.Array:
-  """Grouped matmul out[rows of g] = lhs[rows of g] @ rhs[g].
-
-  Args:
-    lhs: [m, k], m and k whole multiples of bs.tm and bs.tk.
-    rhs: [num_groups, k, n] ([num_groups, n, k] with transpose_rhs), n a
-      whole multiple of bs.tn.
-    offsets: int32 [num_groups + 1], group g owns rows [offsets[g], offsets[g + 1]).
-    bs: tile sizes.
-    transpose_rhs: multiply by rhs[g].T.
-    out_dtype: output dtype (None: lhs's).
-    interpret: run in the TPU interpreter (CPU) instead of compiling.
-
-  Returns:
-    [m, n]; rows in no group are zero.
-  """
-  m, k = lhs.shape
-  num_groups = rhs.shape[0]
-  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  """out[rows of g] = lhs[rows of g] @ rhs[g], on whole tiles (see `gmm_ops`)."""
+  m, k, n, num_groups = tiles.gmm_dims(lhs, rhs, transpose_rhs)
   tm, tk, tn = bs.tm, bs.tk, bs.tn
   tiles_m, nk = m // tm, k // tk
   # The tail group [offsets[-1], m) makes the groups cover every row.
@@ -237,7 +194,7 @@ def _tgmm_kernel(group_ids, tile_ids, offsets_ref, lhs_ref, dout_ref, out_ref, a
                   0.0).astype(a.dtype)
     b = jnp.where(_row_mask(offsets_ref, g, tile, tm, b.shape[1]), b.astype(jnp.float32),
                   0.0).astype(b.dtype)
-    acc_scr[...] += _dot(a, b, _TN)
+    acc_scr[...] += tiles.dot(a, b, tiles.TN)
 
   @pl.when(last_visit)
   def _():
@@ -246,21 +203,8 @@ def _tgmm_kernel(group_ids, tile_ids, offsets_ref, lhs_ref, dout_ref, out_ref, a
 
 def tgmm(lhs: jax.Array, dout: jax.Array, offsets: jax.Array, bs: BlockSizes, *,
          out_dtype=None, interpret: bool = False) -> jax.Array:
-  """Transposed grouped matmul out[g] = lhs[rows of g].T @ dout[rows of g].
-
-  Args:
-    lhs: [m, k]; dout: [m, n]; m, k and n whole multiples of bs.tm, bs.tk, bs.tn.
-    offsets: int32 [num_groups + 1], group g owns rows [offsets[g], offsets[g + 1]).
-    bs: tile sizes (tm tiles the contracted rows).
-    out_dtype: output dtype (None: lhs's).
-    interpret: run in the TPU interpreter (CPU) instead of compiling.
-
-  Returns:
-    [num_groups, k, n]; zeros for an empty group.
-  """
-  m, k = lhs.shape
-  n = dout.shape[1]
-  num_groups = offsets.shape[0] - 1
+  """out[g] = lhs[rows of g].T @ dout[rows of g], on whole tiles (see `gmm_ops`)."""
+  (m, k), n, num_groups = lhs.shape, dout.shape[1], offsets.shape[0] - 1
   tm, tk, tn = bs.tm, bs.tk, bs.tn
   group_ids, tile_ids, num_visits = _visits(offsets, tm, m // tm, visit_empty=True)
   return _call(

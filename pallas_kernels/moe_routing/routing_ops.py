@@ -1,21 +1,24 @@
-"""Differentiable token permutation, and the dropless MoE kernel path.
+"""Differentiable token permutation, and the dropless MoE path the models run.
 
-`permute` and `unpermute` have exactly `reference.permute` / `unpermute`'s
+`permute` and `unpermute` have exactly `xla.permute` / `unpermute`'s
 semantics (a stable sort of the token copies by expert; its inverse, weighted
 by the gates and summed in f32) and stay XLA gathers rather than Pallas
 kernels: a row gather moves each row once at memory bandwidth already, so a
 kernel could only fuse it into its neighbours, and the grouped matmul reads
 its rows by tiles, not by index. An argsort plus `take` is also what
-MaxText's and megablox's users do. What is added over the reference is the
+MaxText's and megablox's users do. What is added over `xla.py` is the
 backward: each op has a `jax.custom_vjp` whose cotangent is a gather by the
 inverse permutation too (MaxText's `_sort_activations` trick), not the
-scatter-add that autodiff of `take` (or of the reference's `.at[].set`)
+scatter-add that autodiff of `take` (or of `xla.unpermute`'s `.at[].set`)
 would emit, which is serialised and slow on TPUs and needs atomics on GPUs.
 
-`moe_dropless` composes the four steps as the kernels run them:
-`gating_ops.top_k_gating` (Pallas) -> `permute` -> `gmm_ops.gmm` per expert
-weight (Pallas) -> `unpermute`; `reference.moe_mlp_loop` is its
-specification. Shapes: tokens [num_tokens, embed] (batch and length
+`moe_dropless` composes the four steps: `gating_ops.top_k_gating` (Pallas)
+-> `permute` -> `gmm_ops.gmm` per expert weight (Pallas) -> `unpermute`, or
+with `pallas=False` the same with XLA's gating (`xla.top_k_gating`) and
+grouped matmul (`jax.lax.ragged_dot`); `xla.moe_mlp_loop` is its
+specification. `models/moe.py` runs it for both dropless implementations,
+per device under a mesh, with each device's slice of the experts
+(`first_expert`). Shapes: tokens [num_tokens, embed] (batch and length
 flattened), router logits [num_tokens, num_experts].
 """
 
@@ -24,13 +27,12 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
-
-from pallas_kernels import backend as backend_lib
 import numpy as np
 
+from pallas_kernels import backend as backend_lib
 from pallas_kernels.moe_routing import gating_ops
 from pallas_kernels.moe_routing import gmm_ops
-
+from pallas_kernels.moe_routing import xla
 
 
 def _inverse(order: jax.Array) -> jax.Array:
@@ -72,31 +74,20 @@ def _gather_copies_bwd(k, order, drows):
 _gather_copies.defvjp(_gather_copies_fwd, _gather_copies_bwd)
 
 
-def _check_tokens(tokens) -> None:
-  if getattr(tokens, 'ndim', None) != 2:
-    raise ValueError(f'tokens must have rank 2 ([num_tokens, embed]); got shape '
-                     f'{getattr(tokens, "shape", None)}')
-  if tokens.dtype not in backend_lib.FLOATS:
-    raise ValueError(f'tokens has dtype {tokens.dtype}; expected float32, bfloat16 or '
-                     'float16')
-
-
-def _check_choices(name: str, x, num_tokens: int, dtype_kind: str) -> None:
-  if getattr(x, 'ndim', None) != 2:
-    raise ValueError(f'{name} must have rank 2 ([num_tokens, k]); got shape '
-                     f'{getattr(x, "shape", None)}')
-  if x.shape[0] != num_tokens or x.shape[1] == 0:
-    raise ValueError(f'{name} has shape {x.shape}; expected [num_tokens={num_tokens}, k] '
-                     'with k >= 1')
-  if dtype_kind == 'int' and not jnp.issubdtype(x.dtype, jnp.integer):
-    raise ValueError(f'{name} has dtype {x.dtype}; expected an integer dtype')
-  if dtype_kind == 'float' and not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f'{name} has dtype {x.dtype}; expected a float dtype')
+def _check_experts(experts, num_tokens: int) -> None:
+  if getattr(experts, 'ndim', None) != 2:
+    raise ValueError(f'experts must have rank 2 ([num_tokens, k]); got shape '
+                     f'{getattr(experts, "shape", None)}')
+  if experts.shape[0] != num_tokens or experts.shape[1] == 0:
+    raise ValueError(f'experts has shape {experts.shape}; expected [num_tokens={num_tokens}, '
+                     'k] with k >= 1')
+  if not jnp.issubdtype(experts.dtype, jnp.integer):
+    raise ValueError(f'experts has dtype {experts.dtype}; expected an integer dtype')
 
 
 def permute(tokens: jax.Array, experts: jax.Array, num_experts: int
             ) -> Tuple[jax.Array, jax.Array, jax.Array]:
-  """Copies of tokens sorted by expert (`reference.permute`, differentiable in tokens).
+  """Copies of tokens sorted by expert (`xla.permute`, differentiable in tokens).
 
   Args:
     tokens: [num_tokens, embed] float.
@@ -110,8 +101,8 @@ def permute(tokens: jax.Array, experts: jax.Array, num_experts: int
       [num_tokens, k] choices (token order[r] // k).
     group_sizes [num_experts] int32: rows per expert (0 for an unused expert).
   """
-  _check_tokens(tokens)
-  _check_choices('experts', experts, tokens.shape[0], 'int')
+  backend_lib.check_float_array('tokens', tokens, '[num_tokens, embed]')
+  _check_experts(experts, tokens.shape[0])
   if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)) \
       or num_experts < 1:
     raise ValueError(f'num_experts={num_experts!r} must be a positive integer')
@@ -166,7 +157,7 @@ _unpermute.defvjp(_unpermute_fwd, _unpermute_bwd)
 def unpermute(rows: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
   """Inverse of `permute`, combining each token's k rows with its gate weights.
 
-  `reference.unpermute`, differentiable in rows and weights.
+  `xla.unpermute`, differentiable in rows and weights.
 
   Args:
     rows: [num_tokens * k, embed] float, expert outputs in `permute`'s order.
@@ -176,7 +167,7 @@ def unpermute(rows: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Arra
   Returns:
     [num_tokens, embed] in rows' dtype; the sum accumulates in f32.
   """
-  _check_tokens(rows)  # same rank and dtypes as tokens
+  backend_lib.check_float_array('rows', rows, '[num_tokens * k, embed]')
   if getattr(weights, 'ndim', None) != 2 or not jnp.issubdtype(weights.dtype, jnp.floating):
     raise ValueError(f'weights must be a float [num_tokens, k] array; got shape '
                      f'{getattr(weights, "shape", None)} and dtype '
@@ -200,31 +191,44 @@ def moe_dropless(tokens: jax.Array, router_logits: jax.Array,
                  renormalize: bool = True,
                  activation: Callable[[jax.Array], jax.Array] = jax.nn.silu,
                  gated: bool = True, *,
+                 first_expert: Optional[Union[int, jax.Array]] = None,
+                 pallas: bool = True,
                  backend: Optional[str] = None,
                  gating_block_sizes=None,
                  gmm_block_sizes=None,
                  interpret: Optional[bool] = None
                  ) -> Tuple[jax.Array, jax.Array, jax.Array]:
-  """A dropless mixture-of-experts MLP through the Pallas kernels.
+  """A dropless mixture-of-experts MLP: gating -> permute -> grouped matmuls -> unpermute.
 
   out[t] = sum over t's k chosen experts e of gate(t, e) * mlp_e(tokens[t]),
   with mlp_e(x) = (activation(x @ wi_0[e]) * (x @ wi_1[e])) @ wo[e] when
-  gated, else activation(x @ wi[e]) @ wo[e]: `reference.moe_mlp_loop` with
-  `reference.top_k_gating`'s gates, computed as gating kernel -> permute ->
-  grouped matmuls -> unpermute. Differentiable in tokens, router_logits, wi
-  and wo.
+  gated, else activation(x @ wi[e]) @ wo[e]: `xla.moe_mlp_loop` with
+  `xla.top_k_gating`'s gates. Differentiable in tokens, router_logits, wi and
+  wo.
 
   Args:
     tokens: [num_tokens, embed] float.
     router_logits: [num_tokens, num_experts] float (f32 recommended; the
       softmax runs in f32 regardless).
-    wi: gated: a pair (wi_0, wi_1), each [num_experts, embed, mlp]; else one
-      [num_experts, embed, mlp] array (or a 1-sequence of it). tokens' dtype.
-    wo: [num_experts, mlp, embed], tokens' dtype.
+    wi: gated: a pair (wi_0, wi_1), each [experts, embed, mlp]; else one
+      [experts, embed, mlp] array (or a 1-sequence of it). tokens' dtype.
+      experts is num_experts, or the slice's size with first_expert.
+    wo: [experts, mlp, embed], tokens' dtype.
     k: experts per token, 1 <= k <= num_experts.
     renormalize: renormalise the k gates to sum to 1 (see `top_k_gating`).
     activation: elementwise, applied in tokens' dtype (as the model does).
     gated: GLU-style experts (SwiGLU, GeGLU) with two input matrices.
+    first_expert: None: wi and wo hold all num_experts experts. Else they
+      hold a slice of them (expert parallelism): the wi[0].shape[0] experts
+      from first_expert on (a Python int, or a traced int32 such as
+      `lax.axis_index(axis) * experts_per_device`). Only the choices of those
+      experts are computed, so out is the slice's share of the sum, which a
+      sum over the slices completes; the gates and experts returned are
+      every choice's.
+    pallas: run the Pallas kernels (`gating_ops`, `gmm_ops`; interpreted on
+      CPU). False: XLA throughout (`xla.top_k_gating`, `jax.lax.ragged_dot`),
+      which XLA can partition and compiles for any device; the arguments
+      below are then unused.
     backend, interpret: as for `gating_ops.top_k_gating` and `gmm_ops.gmm`.
     gating_block_sizes: the backend's `gating_{gpu,tpu}.BlockSizes` or None.
     gmm_block_sizes: the backend's `gmm_{gpu,tpu}.BlockSizes` or None.
@@ -234,7 +238,7 @@ def moe_dropless(tokens: jax.Array, router_logits: jax.Array,
     [num_tokens, k] f32 and experts [num_tokens, k] int32, for router
     statistics (load balance) without a second gating pass.
   """
-  _check_tokens(tokens)
+  backend_lib.check_float_array('tokens', tokens, '[num_tokens, embed]')
   num_tokens, embed = tokens.shape
   if getattr(router_logits, 'ndim', None) != 2 or router_logits.shape[0] != num_tokens:
     raise ValueError(f'router_logits has shape {getattr(router_logits, "shape", None)}; '
@@ -250,24 +254,43 @@ def moe_dropless(tokens: jax.Array, router_logits: jax.Array,
                        f'{getattr(w, "shape", None)}')
     if w.dtype != tokens.dtype:
       raise ValueError(f"{name} has dtype {w.dtype}; expected tokens' dtype {tokens.dtype}")
-  mlp = wi[0].shape[2]
-  for name, w, want in [(f'wi[{i}]', w, (num_experts, embed, mlp)) for i, w in enumerate(wi)
-                        ] + [('wo', wo, (num_experts, mlp, embed))]:
+  experts_here, mlp = wi[0].shape[0], wi[0].shape[2]
+  if first_expert is None:
+    experts_here, experts_from = num_experts, 'num_experts from router_logits'
+  elif not 1 <= experts_here <= num_experts:
+    raise ValueError(f'wi[0] holds {experts_here} experts; with first_expert, a slice of '
+                     f'the num_experts={num_experts} of router_logits')
+  else:
+    experts_from = 'the slice of experts from wi[0]'
+  for name, w, want in [(f'wi[{i}]', w, (experts_here, embed, mlp)) for i, w in enumerate(wi)
+                        ] + [('wo', wo, (experts_here, mlp, embed))]:
     if w.shape != want:
       raise ValueError(f'{name} has shape {w.shape}; expected {want} = [num_experts, '
-                       f'{"embed, mlp" if name != "wo" else "mlp, embed"}] (num_experts '
-                       "from router_logits, embed from tokens, mlp from wi[0])")
+                       f'{"embed, mlp" if name != "wo" else "mlp, embed"}] ({experts_from}, '
+                       'embed from tokens, mlp from wi[0])')
   if not callable(activation):
     raise ValueError(f'activation={activation!r} must be callable')
 
-  weights, experts = gating_ops.top_k_gating(router_logits, k, renormalize, backend=backend,
-                                             block_sizes=gating_block_sizes,
-                                             interpret=interpret)
-  rows, order, group_sizes = permute(tokens, experts, num_experts)  # [num_tokens * k, embed]
-  gmm = functools.partial(gmm_ops.gmm, group_sizes=group_sizes, backend=backend,
-                          block_sizes=gmm_block_sizes, interpret=interpret)
-  h = activation(gmm(rows, wi[0]))  # [num_tokens * k, mlp]
+  if pallas:
+    weights, experts = gating_ops.top_k_gating(router_logits, k, renormalize,
+                                               backend=backend,
+                                               block_sizes=gating_block_sizes,
+                                               interpret=interpret)
+    grouped = functools.partial(gmm_ops.gmm, backend=backend, block_sizes=gmm_block_sizes,
+                                interpret=interpret)
+  else:
+    weights, experts = xla.top_k_gating(router_logits, k, renormalize)
+    grouped = functools.partial(jax.lax.ragged_dot, preferred_element_type=None)
+  here = experts
+  if first_expert is not None:
+    # The slice's experts first: their rows lead the sorted order, and the
+    # other experts' rows trail past sum(group_sizes), where the grouped
+    # matmul leaves zeros.
+    here = (experts - first_expert) % num_experts
+  rows, order, group_sizes = permute(tokens, here, num_experts)  # [num_tokens * k, embed]
+  group_sizes = group_sizes[:experts_here]
+  h = activation(grouped(rows, wi[0], group_sizes))  # [num_tokens * k, mlp]
   if gated:
-    h = h * gmm(rows, wi[1])
-  y = gmm(h.astype(tokens.dtype), wo)  # [num_tokens * k, embed]
+    h = h * grouped(rows, wi[1], group_sizes)
+  y = grouped(h.astype(tokens.dtype), wo, group_sizes)  # [num_tokens * k, embed]
   return unpermute(y, order, weights), weights, experts

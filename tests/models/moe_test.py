@@ -12,7 +12,7 @@ from models import config as cfg
 from models import layers
 from models import model as model_lib
 from models import moe
-from pallas_kernels.moe_routing import reference as routing
+from pallas_kernels.moe_routing import xla as routing
 
 import testing_utils as tu
 

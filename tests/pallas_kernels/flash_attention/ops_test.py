@@ -13,8 +13,8 @@ import pytest
 
 from pallas_kernels.flash_attention import gpu
 from pallas_kernels.flash_attention import ops
-from pallas_kernels.flash_attention import reference as ref
 from pallas_kernels.flash_attention import tiles
+from pallas_kernels.flash_attention import xla as ref
 
 COMPILED = os.environ.get('FLASH_TEST_COMPILED') == '1'
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}

@@ -10,18 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.flash_attention import ops
 from pallas_kernels.flash_attention import tiles
 from pallas_kernels.flash_attention import tpu
 
 import testing_utils as tu
 
+pytestmark = pytest.mark.usefixtures('lowering_only')
+
 FEATURES = ('causal', 'prefix', 'segments', 'alibi', 't5')
-
-
-@pytest.fixture(autouse=True)
-def _lowering_only(monkeypatch):
-  monkeypatch.setattr(ops, '_LOWERING_ONLY', True)
 
 
 def _lower(heads, kv_heads, q_len, kv_len, head_dim, dtype, features, block_sizes):

@@ -320,9 +320,9 @@ LOWERED = [
 ]
 
 
+@pytest.mark.usefixtures('lowering_only')
 @pytest.mark.parametrize('name,dtype,m,k,n,groups,transpose_rhs', LOWERED)
-def test_lowers_to_triton(monkeypatch, name, dtype, m, k, n, groups, transpose_rhs):
-  monkeypatch.setattr(gmm_ops, '_LOWERING_ONLY', True)
+def test_lowers_to_triton(name, dtype, m, k, n, groups, transpose_rhs):
   fwd, bwd = _lower('gpu', name, dtype, m, k, n, groups, transpose_rhs)
   for text in (fwd, bwd):
     assert 'tt.divisibility' in text  # serialized Triton IR, not an interpreted loop
@@ -331,9 +331,9 @@ def test_lowers_to_triton(monkeypatch, name, dtype, m, k, n, groups, transpose_r
   assert 'moe_gmm' in bwd and ('moe_tgmm' in bwd) == (name == 'gmm')
 
 
+@pytest.mark.usefixtures('lowering_only')
 @pytest.mark.parametrize('name,dtype,m,k,n,groups,transpose_rhs', LOWERED)
-def test_lowers_for_tpu(monkeypatch, name, dtype, m, k, n, groups, transpose_rhs):
-  monkeypatch.setattr(gmm_ops, '_LOWERING_ONLY', True)
+def test_lowers_for_tpu(name, dtype, m, k, n, groups, transpose_rhs):
   fwd, bwd = _lower('tpu', name, dtype, m, k, n, groups, transpose_rhs)
   assert fwd.count('tpu_custom_call') == 1 and f'moe_{name}' in fwd
   assert bwd.count('tpu_custom_call') == 2  # d lhs and d rhs (or d dout): one kernel each

@@ -2,7 +2,7 @@
 
 Forward values and `jax.vjp` gradients of `gating_ops.top_k_gating`,
 `routing_ops.permute` / `unpermute` and `routing_ops.moe_dropless` (gating ->
-permute -> grouped matmuls -> unpermute) against `reference.py`, for both
+permute -> grouped matmuls -> unpermute) against `xla.py`, for both
 backends. On CPU the kernels run in the Pallas interpreter (the TPU ones in
 the TPU interpreter); with a GPU or TPU present (`ROUTING_TEST_COMPILED=1`)
 the same cases run compiled with the default blocks. The compiled gating
@@ -27,9 +27,8 @@ import pytest
 from pallas_kernels.moe_routing import gating_gpu
 from pallas_kernels.moe_routing import gating_ops
 from pallas_kernels.moe_routing import gmm_gpu
-from pallas_kernels.moe_routing import gmm_ops
-from pallas_kernels.moe_routing import reference as ref
 from pallas_kernels.moe_routing import routing_ops
+from pallas_kernels.moe_routing import xla as ref
 
 import testing_utils as tu
 
@@ -404,9 +403,9 @@ LOWERED = [
 ]
 
 
+@pytest.mark.usefixtures('lowering_only')
 @pytest.mark.parametrize('num_tokens,num_experts,k,renormalize,dtype', LOWERED)
-def test_lowers_to_triton(monkeypatch, num_tokens, num_experts, k, renormalize, dtype):
-  monkeypatch.setattr(gating_ops, '_LOWERING_ONLY', True)
+def test_lowers_to_triton(num_tokens, num_experts, k, renormalize, dtype):
   fwd, bwd = _lower_gating('gpu', num_tokens, num_experts, k, renormalize, dtype)
   for text in (fwd, bwd):
     assert 'tt.divisibility' in text  # serialized Triton IR, not an interpreted loop
@@ -414,20 +413,19 @@ def test_lowers_to_triton(monkeypatch, num_tokens, num_experts, k, renormalize, 
   assert 'moe_gating_fwd' in bwd and 'moe_gating_bwd' in bwd  # forward's residuals, then VJP
 
 
+@pytest.mark.usefixtures('lowering_only')
 @pytest.mark.parametrize('num_tokens,num_experts,k,renormalize,dtype', LOWERED)
-def test_lowers_for_tpu(monkeypatch, num_tokens, num_experts, k, renormalize, dtype):
-  monkeypatch.setattr(gating_ops, '_LOWERING_ONLY', True)
+def test_lowers_for_tpu(num_tokens, num_experts, k, renormalize, dtype):
   fwd, bwd = _lower_gating('tpu', num_tokens, num_experts, k, renormalize, dtype)
   assert fwd.count('tpu_custom_call') == 1 and 'moe_gating_fwd' in fwd
   assert bwd.count('tpu_custom_call') == 2  # the forward (residuals) and the VJP kernel
   assert 'moe_gating_bwd' in bwd
 
 
+@pytest.mark.usefixtures('lowering_only')
 @pytest.mark.parametrize('backend', ['gpu', 'tpu'])
-def test_moe_dropless_lowers(monkeypatch, backend):
+def test_moe_dropless_lowers(backend):
   """The whole kernel path lowers: gating, three grouped matmuls and their VJPs."""
-  monkeypatch.setattr(gating_ops, '_LOWERING_ONLY', True)
-  monkeypatch.setattr(gmm_ops, '_LOWERING_ONLY', True)
   t, d, m, e = 512, 256, 512, 8
   args = (jax.ShapeDtypeStruct((t, d), BF16), jax.ShapeDtypeStruct((t, e), F32),
           (jax.ShapeDtypeStruct((e, d, m), BF16),) * 2, jax.ShapeDtypeStruct((e, m, d), BF16))

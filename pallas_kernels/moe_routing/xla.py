@@ -1,15 +1,19 @@
-"""Plain jnp mixture-of-experts routing: the specification of the routing kernels.
+"""Mixture-of-experts routing in plain jnp: XLA's routing, and the kernels' specification.
 
 Token-choice routing in four steps, each differentiable:
   1. `top_k_gating`: softmax over experts, the k largest, optionally
-     renormalised to sum to 1 (Mixtral, GLaM) or not (Switch, k = 1).
+     renormalised to sum to 1 (Mixtral, GLaM) or not (Switch, k = 1). The
+     XLA routing the models run (capacity and ragged_dot MoE), and the spec
+     of `gating_ops.top_k_gating`.
   2. `permute`: the k copies of every token in expert-contiguous order, with
      the number of rows per expert (`group_sizes`, possibly 0).
   3. a grouped matmul per expert (`gmm_reference.gmm`), or any expert MLP.
   4. `unpermute`: rows back to their tokens, weighted by the gates and summed.
-`moe_mlp_loop` is the loop-over-experts formulation the four steps must equal.
-Shapes: tokens [num_tokens, embed] (batch and length flattened), logits
-[num_tokens, num_experts].
+`permute` and `unpermute` (plain autodiff: scatters in the backward) and
+`moe_mlp_loop`, the loop-over-experts formulation the four steps must equal,
+are specifications only: the models permute with `routing_ops`, whose
+backward gathers instead. Shapes: tokens [num_tokens, embed] (batch and
+length flattened), logits [num_tokens, num_experts].
 """
 
 from typing import Callable, Tuple

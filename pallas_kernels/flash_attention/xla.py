@@ -1,6 +1,7 @@
-"""Plain jnp attention: the specification every attention kernel must match.
+"""Attention in plain jnp: the XLA path the models use by default (AttentionKernel.XLA).
 
-It is also the XLA path the models use by default. Shapes use the logical
+It is also the specification the kernels must match (`ops.flash_attention`
+takes the same arguments and returns the same values). Shapes use the logical
 vocabulary: q [batch, q_len, heads, head_dim], k/v [batch, kv_len, kv_heads,
 head_dim]. Grouped-query attention is computed by grouping query heads over
 their shared K/V head, never by repeating K/V in memory. Logits, softmax and

@@ -1,4 +1,4 @@
-"""The attention reference against direct, loop-level formulas."""
+"""The XLA attention (the models' path and the kernels' reference) against loop-level formulas."""
 
 import math
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.flash_attention import reference as ref
+from pallas_kernels.flash_attention import xla as ref
 
 
 def naive_attention(q, k, v, mask=None, bias=None, scale=None):
