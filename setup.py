@@ -29,6 +29,6 @@ setuptools.setup(
         'numpy>=2.0,<3',
     ],
     extras_require={
-        'test': ['pytest>=8,<10'],
+        'test': ['pytest>=8,<10', 'pytest-xdist>=3.8,<4'],
     },
 )

@@ -99,7 +99,9 @@ def subprocess_env(devices=None):
   e = dict(os.environ)
   e['PYTHONPATH'] = ROOT + os.pathsep + e.get('PYTHONPATH', '')
   if devices is not None:
-    e['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+    flags = [f for f in e.get('XLA_FLAGS', '').split()
+             if not f.startswith('--xla_force_host_platform_device_count')]
+    e['XLA_FLAGS'] = ' '.join(flags + [f'--xla_force_host_platform_device_count={devices}'])
   return e
 
 

@@ -54,6 +54,7 @@ def _assert_close(got, want):
     assert diff <= limit, f'{jax.tree_util.keystr(path)}: max difference {diff:.2e} > {limit:.2e}'
 
 
+@pytest.mark.rotate(2)
 @pytest.mark.parametrize('packed', [False, True], ids=['unpacked', 'packed'])
 @pytest.mark.parametrize('family', list(FAMILIES))
 def test_flash_equals_xla(family, packed):
@@ -77,6 +78,7 @@ def gqa_reference():
 
 # (data, fsdp, tensor): tensor=2 shards the 4 heads and 2 K/V heads; tensor=8
 # divides neither, so heads stay whole and only the batch is split.
+@pytest.mark.rotate(2)
 @pytest.mark.parametrize('mesh', [(8, 1, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)])
 def test_sharded_flash_equals_single_device_xla(gqa_reference, mesh):
   batch, params, want = gqa_reference

@@ -59,6 +59,7 @@ def _grads(block, params, x):
   return jax.grad(lambda p, x: jnp.sum(_apply(block, p, x)[0] * cot), argnums=(0, 1))(params, x)
 
 
+@pytest.mark.rotate(2)
 @pytest.mark.parametrize('impl', ['ragged_dot', 'dropless'])
 @pytest.mark.parametrize('experts,k', [(4, 2), (8, 1), (3, 3)])
 def test_dropless_equals_capacity_when_nothing_is_dropped(impl, experts, k):
@@ -277,6 +278,7 @@ EP_MESHES = [(8, 1, 1, 1), (4, 1, 1, 2), (2, 1, 1, 4), (1, 1, 1, 8), (1, 2, 2, 2
 
 # The Pallas grouped matmul (interpreted here) runs per device in shard_map on
 # any mesh, so two meshes cover it: no expert axis, and expert x fsdp x tensor.
+@pytest.mark.rotate(2)
 @pytest.mark.parametrize('impl,mesh', [(impl, m) for impl in ('capacity', 'ragged_dot')
                                        for m in EP_MESHES] +
                          [('dropless', (2, 2, 2, 1)), ('dropless', (1, 2, 2, 2))])

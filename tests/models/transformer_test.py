@@ -37,6 +37,7 @@ _SCAN_VARIANTS = [
 
 
 # Every variant for the decoder; the encoder-decoder shares the stack code, so two suffice.
+@pytest.mark.rotate(2)
 @pytest.mark.parametrize('encdec,variant', [(False, v) for v in _SCAN_VARIANTS] +
                          [(True, v) for v in _SCAN_VARIANTS[:2]])
 def test_scan_equals_unrolled(encdec, variant):
@@ -113,6 +114,7 @@ def _pack_case(model, lengths, encdec):
   return packed, unpacked, dec_lens
 
 
+@pytest.mark.rotate(2)
 @pytest.mark.parametrize('encdec', [False, True])
 @pytest.mark.parametrize('encoding', ENCODINGS)
 def test_packed_equals_unpacked(encdec, encoding):

@@ -55,6 +55,7 @@ SPAN_DENOISERS = sorted({(d.noise_density, d.mean_noise_span_length, d.mode)
                         | {(0.15, 3.0, None)}, key=str)  # T5's default: no mode token
 
 
+@pytest.mark.rotate(2)
 @pytest.mark.parametrize('density,mu,mode', SPAN_DENOISERS)
 def test_span_denoiser_statistics_and_exact_reconstruction(density, mu, mode):
   pre = functools.partial(prep.span_corruption, sequence_length=LENGTHS, output_features=FEATURES,

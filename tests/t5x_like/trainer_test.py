@@ -62,6 +62,7 @@ def reference(request):
   return model, batches, _run(model, batches, (1, 1, 1))
 
 
+@pytest.mark.rotate(2)
 @pytest.mark.parametrize('mesh', MESHES)
 def test_sharded_equals_single_device(reference, mesh):
   model, batches, (losses, grads, params, _) = reference

@@ -29,6 +29,7 @@ def records(model_dir, kind):
     return [r for r in map(json.loads, f) if r['kind'] == kind]
 
 
+@pytest.mark.rotate(2)
 @pytest.mark.parametrize('model_file', ['models/t5_1_1/tiny.gin', 'models/llama/tiny.gin'])
 def test_ul2_trains_and_logs_each_denoiser_family(tmp_path, model_file):
   model_dir = str(tmp_path / 'run')

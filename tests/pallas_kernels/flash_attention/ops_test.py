@@ -132,12 +132,14 @@ def _compare(name, dtype, backend):
     assert err < TOL[dtype], f'{name} {backend} {dtype.__name__}: {label} relative error {err:.2e}'
 
 
+@pytest.mark.rotate(3)
 @pytest.mark.parametrize('backend', _backends())
 @pytest.mark.parametrize('name', list(CASES))
 def test_matches_reference_f32(name, backend):
   _compare(name, jnp.float32, backend)
 
 
+@pytest.mark.rotate(2)
 @pytest.mark.parametrize('backend', _backends())
 @pytest.mark.parametrize('name', ['gqa_packed_causal', 't5_causal_packed', 'alibi_and_t5_mqa_prefix'])
 def test_matches_reference_bf16(name, backend):

@@ -167,12 +167,14 @@ def _compare_tgmm(case, backend, dtype, num_patterns=None):
             'ragged_dot': xla(*f32[:2], gs, f32[2])})
 
 
+@pytest.mark.rotate(2)
 @pytest.mark.parametrize('backend', _backends())
 @pytest.mark.parametrize('case', list(CASES))
 def test_gmm_matches_reference_and_ragged_dot_f32(case, backend):
   _compare_gmm(case, backend, jnp.float32)
 
 
+@pytest.mark.rotate(2)
 @pytest.mark.parametrize('backend', _backends())
 @pytest.mark.parametrize('case', list(CASES))
 def test_tgmm_matches_reference_and_ragged_dot_f32(case, backend):

@@ -13,7 +13,8 @@ each backend, with (renormalize, dtype) rotating so that every pair meets
 both dtypes (one per backend; the kernel bodies are shared) and every expert
 count meets renormalize on and off. `ROUTING_TEST_FULL=1` (and compiled
 runs, where a case costs little) take the whole product instead: 88 gating
-cases rather than 22.
+cases rather than 22. The gating and dropless grids also rotate
+(`@pytest.mark.rotate`, tests/conftest.py): a run takes half of their cases.
 """
 
 import functools
@@ -133,6 +134,7 @@ def _gating_value_and_vjp(top_k_gating, k, renormalize, logits, cot):
   return weights, experts, vjp((cot, np.zeros(experts.shape, jax.dtypes.float0)))[0]
 
 
+@pytest.mark.rotate(2)
 @pytest.mark.parametrize('backend,num_experts,k,renormalize,dtype', _gating_cases())
 def test_gating_matches_reference(backend, num_experts, k, renormalize, dtype):
   logits, cot, (w_want, e_want, d_want) = _gating_reference(num_experts, k, renormalize,
@@ -277,6 +279,7 @@ def _moe_inputs_and_reference(case):
   return args, cot, unused, want
 
 
+@pytest.mark.rotate(2)
 @pytest.mark.parametrize('backend', _backends())
 @pytest.mark.parametrize('case', list(MOE_CASES))
 def test_moe_dropless_matches_expert_loop(case, backend):
