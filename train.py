@@ -1,6 +1,11 @@
 """`python -m train --gin_file=...`: the training entry (see t5x_like/train.py)."""
 
-from t5x_like.train import console_main
+# Before anything heavy is imported: a SIGTERM during start-up is a request to stop.
+from t5x_like import signals
+
+signals.install()
+
+from t5x_like.train import console_main  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 if __name__ == '__main__':
   console_main()

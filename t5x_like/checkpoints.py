@@ -1,23 +1,63 @@
 """Checkpoints with orbax: the train state, the data-iterator position, the run.
 
 Layout under MODEL_DIR/checkpoints/<step>/: `state` (params, optimizer state,
-step; sharded arrays restored onto any mesh) and `data` (the iterator state as
-JSON). Saves are asynchronous and atomic (orbax writes to a temporary folder
-and renames it on commit), so a killed process never leaves a checkpoint that
-looks complete but is not; leftovers of interrupted saves are removed at start.
+step; sharded arrays restored onto any mesh), `data` (the iterator state as
+JSON) and `meta` (JSON: a digest of every array of `state` and of `data`, the
+loop's own state, and a checksum of itself). Saves are asynchronous and atomic
+(orbax writes to a temporary folder and renames it on commit), so a killed
+process never leaves a checkpoint that looks complete but is not; leftovers of
+interrupted saves are removed at start.
+
+Every checkpoint is verified when it is restored: a checkpoint that cannot be
+read, whose arrays do not match their digests or that holds a non-finite value
+fails with `CorruptCheckpoint`, and `find_resumable` falls back to the newest
+one that verifies. A non-finite state is never saved (`NonFiniteStateError`).
+`python -m t5x_like.checkpoints verify MODEL_DIR [--step N]` checks a run's
+checkpoints offline.
 """
 
 import abc
+import argparse
 import contextlib
+import dataclasses
+import gc
+import hashlib
+import json
+import logging
 import os
-from typing import Any, Dict, Iterator, Optional, Tuple
+import sys
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+from t5x_like import utils
+
+FORMAT = 1  # the `meta` item's layout
 
 
 class CheckpointError(ValueError):
   """A checkpoint that does not fit the run."""
+
+
+class CorruptCheckpoint(CheckpointError):
+  """A checkpoint that cannot be read or fails verification.
+
+  Attributes:
+    step: the checkpoint's step.
+    what: which array or file, and what is wrong with it (one line).
+  """
+
+  def __init__(self, step: int, what: str):
+    self.step, self.what = step, what
+    super().__init__(f'checkpoint step {step} failed verification: {what}')
+
+
+class NonFiniteStateError(utils.TrainingError):
+  """A state with a NaN or infinite value was about to be saved."""
 
 
 def checkpoint_dir(model_dir: str) -> str:
@@ -29,15 +69,38 @@ def _describe(path) -> str:
 
 
 def _handlers():
-  return {'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler()}
+  return {'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
+          'meta': ocp.JsonCheckpointHandler()}
+
+
+@contextlib.contextmanager
+def quiet_orbax() -> Iterator[None]:
+  """Hides orbax's absl warnings about expected situations (a read-only manager,
+  a missing item) while orbax runs; real failures still raise."""
+  logger = logging.getLogger('absl')
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
 
 
 @contextlib.contextmanager
 def open_read_only(directory: str, item_handlers=None) -> Iterator[ocp.CheckpointManager]:
   """A checkpoint manager over `directory` that can neither create nor change anything."""
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+  with quiet_orbax(), ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
       read_only=True, create=False), item_handlers=item_handlers or _handlers()) as manager:
     yield manager
+
+
+def all_steps(model_dir: str) -> List[int]:
+  """Every committed checkpoint's step, oldest first, without creating anything."""
+  directory = checkpoint_dir(model_dir)
+  if not os.path.isdir(directory):
+    return []
+  with open_read_only(directory) as manager:
+    return sorted(manager.all_steps())
 
 
 def latest_step(model_dir: str) -> Optional[int]:
@@ -47,27 +110,6 @@ def latest_step(model_dir: str) -> Optional[int]:
     return None
   with open_read_only(directory) as manager:
     return manager.latest_step()
-
-
-def check_compatible(model_dir: str, abstract_state: Any) -> Optional[int]:
-  """Compares the latest checkpoint's shapes with `abstract_state`, read-only.
-
-  Returns the step to resume from (None when there is no checkpoint) and
-  raises `CheckpointError` naming the first mismatch otherwise.
-  """
-  directory = checkpoint_dir(model_dir)
-  if not os.path.isdir(directory):
-    return None
-  with open_read_only(directory) as manager:
-    step = manager.latest_step()
-    if step is None:
-      return None
-    saved = manager.item_metadata(step)['state']
-  saved_flat, want_flat = _flat_shapes(saved), _flat_shapes(abstract_state)
-  fix = (f'point MODEL_DIR at a new directory, or use the model config that wrote '
-         f'{directory}')
-  _compare(saved_flat, want_flat, step, directory, fix)
-  return step
 
 
 def _compare(saved_flat, want_flat, step, directory, fix):
@@ -145,10 +187,25 @@ def restore_params(directory: str, step: int, abstract_params: Any = None) -> An
   if abstract_params is None:
     abstract_params = saved_params(directory, step)
   item = {'params': abstract_params}
-  with open_read_only(directory, {'state': ocp.PyTreeCheckpointHandler()}) as manager:
-    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True)))
+  verified = _has_item(directory, step, 'meta')
+  handlers = {'state': ocp.PyTreeCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+  with open_read_only(directory, handlers) as manager:
+    try:
+      items = dict(state=ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True))
+      if verified:
+        items['meta'] = ocp.args.JsonRestore()
+      with quiet_orbax(), _quiet_failed_reads():
+        out = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CorruptCheckpoint(step, _first_line(e)) from None
+  digests, nonfinite = state_digests(out['state'])
+  if verified:
+    _check_meta(step, out['meta'])
+    _compare_digests(step, out['meta']['state'], digests, partial=True)
+  if nonfinite:
+    raise CorruptCheckpoint(step, f'params hold {nonfinite} non-finite values')
   return out['state']['params']
 
 
@@ -206,8 +263,348 @@ class ParamsCheckpoint(InitialCheckpoint):
             'and data)')
 
 
+# --- digests -----------------------------------------------------------------------
+
+def _words(x: jax.Array) -> jax.Array:
+  """The array's bits as a flat uint32 vector (one word per element; two for 64-bit)."""
+  x = jnp.ravel(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = jnp.dtype(x.dtype).itemsize
+  if size == 4:
+    return lax.bitcast_convert_type(x, jnp.uint32)
+  if size in (1, 2):
+    return lax.bitcast_convert_type(x, jnp.dtype(f'uint{8 * size}')).astype(jnp.uint32)
+  return jnp.ravel(lax.bitcast_convert_type(x, jnp.uint32))
+
+
+def _leaf_digest(x: jax.Array) -> jax.Array:
+  """Two position-weighted sums of the array's words, mod 2**32: [2] uint32.
+
+  Integer sums do not depend on the order of reduction, so the digest is the
+  same for any sharding, on any device; odd weights make every single-bit
+  change, and any two words swapped, change the first sum.
+  """
+  w = _words(x)
+  i = lax.iota(jnp.uint32, w.shape[0])
+  first = jnp.sum(w * (2 * i + 1), dtype=jnp.uint32)
+  second = jnp.sum((w ^ (i * jnp.uint32(0x9E3779B9))) * ((i * jnp.uint32(0x85EBCA6B)) | 1),
+                   dtype=jnp.uint32)
+  return jnp.stack([first, second])
+
+
+def _nonfinite_count(tree: Any) -> jax.Array:
+  """How many values of the tree's floating-point arrays are NaN or infinite."""
+  counts = [jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return sum(counts, jnp.int32(0))
+
+
+def _digest_and_count(tree):
+  return jax.tree.map(_leaf_digest, tree), _nonfinite_count(tree)
+
+
+_DIGEST_FNS: Dict[Any, Callable] = {}
+
+
+def _replicated(tree) -> Optional[jax.sharding.Sharding]:
+  for leaf in jax.tree.leaves(tree):
+    sharding = getattr(leaf, 'sharding', None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  return None
+
+
+def state_digests(tree: Any) -> Tuple[Dict[str, str], int]:
+  """({array path: digest}, number of non-finite values) of a tree of arrays,
+  computed where the arrays are (one jitted pass; collective across hosts)."""
+  out = _replicated(tree)
+  if out not in _DIGEST_FNS:
+    _DIGEST_FNS[out] = jax.jit(_digest_and_count, out_shardings=out)
+  digests, count = jax.device_get(_DIGEST_FNS[out](tree))
+  flat = jax.tree_util.tree_flatten_with_path(digests)[0]
+  return {_describe(p): f'{int(d[0]):08x}{int(d[1]):08x}' for p, d in flat}, int(count)
+
+
+def _json_digest(value: Any) -> str:
+  return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _meta(step: int, digests: Dict[str, str], data_state: Any, loop_state: Any) -> Dict[str, Any]:
+  meta = {'format': FORMAT, 'step': step, 'state': digests, 'data': _json_digest(data_state),
+          'loop': loop_state}
+  meta['checksum'] = _json_digest(meta)
+  return meta
+
+
+def _check_meta(step: int, meta: Any) -> None:
+  if not isinstance(meta, dict) or 'checksum' not in meta:
+    raise CorruptCheckpoint(step, 'meta: not a t5x_like checkpoint record')
+  rest = {k: v for k, v in meta.items() if k != 'checksum'}
+  if _json_digest(rest) != meta['checksum']:
+    raise CorruptCheckpoint(step, 'meta: checksum mismatch')
+  if meta.get('format') != FORMAT or meta.get('step') != step:
+    raise CorruptCheckpoint(step, f'meta: format {meta.get("format")} step {meta.get("step")}, '
+                            f'expected format {FORMAT} step {step}')
+
+
+def _compare_digests(step: int, want: Dict[str, str], got: Dict[str, str],
+                     partial: bool = False) -> None:
+  for name, digest in got.items():
+    if name not in want:
+      raise CorruptCheckpoint(step, f'state/{name}: no digest recorded for this array')
+    if want[name] != digest:
+      raise CorruptCheckpoint(step, f'state/{name}: digest mismatch (the array\'s bytes changed '
+                              'after it was saved)')
+  missing = sorted(set(want) - set(got))
+  if missing and not partial:
+    raise CorruptCheckpoint(step, f'state/{missing[0]}: recorded but not restored')
+
+
+def _first_line(error: BaseException) -> str:
+  """One line for an error from orbax or tensorstore; for a failed array read,
+  the innermost cause (it names the array and the file), without tensorstore's
+  long spec."""
+  if 'TensorStore' in str(error):
+    while (error.__cause__ or error.__context__) is not None:
+      error = error.__cause__ or error.__context__
+  text = str(error).strip().splitlines()
+  line = f'{type(error).__name__}: {text[0]}' if text else type(error).__name__
+  line = line.split(' See full TensorStore details')[0]
+  return line if len(line) <= 300 else line[:297] + '...'
+
+
+def _drop_failed_read_reports(unraisable, _default=sys.unraisablehook) -> None:
+  """After one array read fails, orbax's other read coroutines fail as they are
+  collected; the failure is reported once, by the caller, not once per array."""
+  if getattr(unraisable.object, '__name__', '') == '_read_array_index_and_device_put':
+    return
+  _default(unraisable)
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads() -> Iterator[None]:
+  try:
+    yield
+  except Exception:
+    sys.unraisablehook = _drop_failed_read_reports
+    gc.collect()
+    raise
+
+
+# --- restoring ----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Restored:
+  """What a checkpoint holds.
+
+  Attributes:
+    step: its step.
+    state: the train state (on the target's shardings).
+    data: the data iterator's state.
+    loop: the loop hooks' state saved with it (None if none).
+    verified: whether it carried digests (checkpoints written before digests
+      existed restore unverified).
+  """
+  step: int
+  state: Any
+  data: Dict[str, Any]
+  loop: Any = None
+  verified: bool = True
+  rejected: List[int] = dataclasses.field(default_factory=list)
+
+
+def _has_item(directory: str, step: int, item: str) -> bool:
+  return os.path.isdir(os.path.join(directory, str(step), item))
+
+
+def _read(manager: ocp.CheckpointManager, directory: str, step: int, abstract_state: Any
+          ) -> Restored:
+  """Restores and verifies one checkpoint; any failure is a CorruptCheckpoint."""
+  verified = _has_item(directory, step, 'meta')
+  try:
+    items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+    if verified:
+      items['meta'] = ocp.args.JsonRestore()
+    with quiet_orbax(), _quiet_failed_reads():
+      out = manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # pylint: disable=broad-except  (tensorstore, json, orbax: all unreadable)
+    raise CorruptCheckpoint(step, _first_line(e)) from None
+  meta = out['meta'] if verified else None
+  if verified:
+    _check_meta(step, meta)
+    if _json_digest(out['data']) != meta['data']:
+      raise CorruptCheckpoint(step, 'data: digest mismatch')
+  digests, nonfinite = state_digests(out['state'])
+  if verified:
+    _compare_digests(step, meta['state'], digests)
+  if nonfinite:
+    raise CorruptCheckpoint(step, f'state holds {nonfinite} non-finite values')
+  return Restored(step, out['state'], out['data'], meta['loop'] if verified else None, verified)
+
+
+def _check_shapes(manager, directory: str, step: int, abstract_state: Any) -> None:
+  """Raises CheckpointError if the checkpoint's arrays do not fit `abstract_state`
+  (a CorruptCheckpoint if its metadata cannot be read)."""
+  try:
+    with quiet_orbax():
+      saved = manager.item_metadata(step)['state']
+    if saved is None:
+      raise ValueError('no state item')
+    saved_flat = _flat_shapes(saved)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CorruptCheckpoint(step, f'state metadata: {_first_line(e)}') from None
+  fix = f'point MODEL_DIR at a new directory, or use the model config that wrote {directory}'
+  _compare(saved_flat, _flat_shapes(abstract_state), step, directory, fix)
+
+
+def find_resumable(model_dir: str, abstract_state: Any,
+                   notice: Callable[[str], None] = print) -> Optional[Restored]:
+  """The newest checkpoint of MODEL_DIR that fits and verifies, restored onto
+  `abstract_state`'s shardings; read-only.
+
+  A checkpoint that fails verification is reported through `notice` (one
+  line) and the next older one is tried; the steps passed over are in the
+  result's `rejected`.
+
+  Returns:
+    None when MODEL_DIR has no checkpoint.
+
+  Raises:
+    CheckpointError: the newest readable checkpoint is of another model, or
+      no checkpoint verifies.
+  """
+  directory = checkpoint_dir(model_dir)
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise CheckpointError(f'{directory} is not a directory: move it away, or point MODEL_DIR at '
+                          'a new directory')
+  steps = sorted(all_steps(model_dir), reverse=True)
+  if not steps:
+    return None
+  rejected: List[CorruptCheckpoint] = []
+  with open_read_only(directory) as manager:
+    for step in steps:
+      try:
+        _check_shapes(manager, directory, step, abstract_state)
+        restored = _agree(_read, manager, directory, step, abstract_state)
+      except CorruptCheckpoint as e:
+        rejected.append(e)
+        older = [s for s in steps if s < step]
+        notice(f'{e}; ' + (f'falling back to step {older[0]}' if older else 'no older checkpoint'))
+        continue
+      restored.rejected = [e.step for e in rejected]
+      return restored
+  first = rejected[0]
+  raise CheckpointError(
+      f'no checkpoint in {directory} verifies (step {first.step}: {first.what}): move the '
+      'damaged checkpoints/<step> folders away, or point MODEL_DIR at a new directory')
+
+
+def _agree(fn, manager, directory, step, abstract_state):
+  """`fn`'s result, or the same CorruptCheckpoint on every process when any
+  process failed (each reads its own shards)."""
+  error = None
+  try:
+    result = fn(manager, directory, step, abstract_state)
+  except CorruptCheckpoint as e:
+    error, result = e, None
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    failed = multihost_utils.process_allgather(np.int32(error is not None))
+    if error is None and np.max(failed):
+      error = CorruptCheckpoint(step, f'failed on process {int(np.argmax(failed))}')
+  if error is not None:
+    raise error
+  return result
+
+
+def set_aside(model_dir: str, steps) -> List[str]:
+  """Moves checkpoints that failed verification to MODEL_DIR/checkpoints.rejected/
+  (kept for inspection, out of the way of the steps the run writes again)."""
+  moved = []
+  if jax.process_index() != 0:
+    return moved
+  target = os.path.join(os.path.abspath(model_dir), 'checkpoints.rejected')
+  for step in steps:
+    os.makedirs(target, exist_ok=True)
+    dest, n = os.path.join(target, str(step)), 1
+    while os.path.exists(dest):
+      dest, n = os.path.join(target, f'{step}.{n}'), n + 1
+    os.rename(os.path.join(checkpoint_dir(model_dir), str(step)), dest)
+    moved.append(dest)
+  return moved
+
+
+# --- verify (offline) ---------------------------------------------------------------
+
+def verify(model_dir: str, step: Optional[int] = None) -> List[Tuple[int, str, str]]:
+  """Checks checkpoints offline, restoring each as saved on the default device.
+
+  Returns:
+    (step, status, detail) per checkpoint, oldest first; status is 'ok',
+    'unverified' (written before digests) or 'FAILED'.
+  """
+  directory = checkpoint_dir(model_dir)
+  steps = all_steps(model_dir)
+  if step is not None:
+    if step not in steps:
+      raise CheckpointError(f'no checkpoint step {step} in {directory} (steps: {steps}): '
+                            'pass one of those to --step')
+    steps = [step]
+  if not steps:
+    raise CheckpointError(f'no checkpoints in {directory}: pass a MODEL_DIR that has some')
+  report = []
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with open_read_only(directory) as manager:
+    for s in steps:
+      try:
+        try:
+          with quiet_orbax():
+            saved = manager.item_metadata(s)['state']
+          abstract = jax.tree.map(
+              lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), saved)
+        except Exception as e:  # pylint: disable=broad-except
+          raise CorruptCheckpoint(s, f'state metadata: {_first_line(e)}') from None
+        restored = _read(manager, directory, s, abstract)
+        arrays = jax.tree.leaves(restored.state)
+        size = sum(x.size * x.dtype.itemsize for x in arrays)
+        if restored.verified:
+          report.append((s, 'ok', f'{len(arrays)} arrays, {size / 2**20:.1f} MiB, digests match'))
+        else:
+          report.append((s, 'unverified', f'{len(arrays)} arrays readable; written without '
+                         'digests'))
+      except CorruptCheckpoint as e:
+        report.append((s, 'FAILED', e.what))
+  return report
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m t5x_like.checkpoints',
+      description='verify: check the checkpoints of a run (digests, readability, finiteness).')
+  sub = parser.add_subparsers(dest='command', required=True)
+  v = sub.add_parser('verify', help='check every checkpoint of MODEL_DIR (or one step)')
+  v.add_argument('model_dir')
+  v.add_argument('--step', type=int, default=None)
+  args = parser.parse_args(argv)
+  try:
+    report = verify(args.model_dir, args.step)
+  except CheckpointError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  for step, status, detail in report:
+    print(f'step {step}: {status}: {detail}')
+  failed = [s for s, status, _ in report if status == 'FAILED']
+  print(f'{len(report) - len(failed)} of {len(report)} checkpoints in '
+        f'{checkpoint_dir(args.model_dir)} pass' + (f'; failed: {failed}' if failed else ''))
+  return 1 if failed else 0
+
+
 class Checkpointer:
-  """Saves and restores (state, data-iterator state) at steps.
+  """Saves and restores (state, data-iterator state, loop state) at steps.
+
+  Every save records digests and refuses a non-finite state; every restore
+  verifies.
 
   Args:
     model_dir: the run directory.
@@ -224,21 +621,44 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, keep_period=keep_period, create=True,
         cleanup_tmp_directories=True, enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_handlers=_handlers())
+    with quiet_orbax():
+      self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                           item_handlers=_handlers())
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, data_state: Dict[str, Any]) -> bool:
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+  def save(self, step: int, state: Any, data_state: Dict[str, Any], loop_state: Any = None
+           ) -> None:
+    """Commits a checkpoint of `state` at `step`, with the digests of its arrays.
 
-  def restore(self, step: int, abstract_state: Any) -> Tuple[Any, Dict[str, Any]]:
-    """Restores onto the shardings carried by `abstract_state` (any mesh)."""
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    return out['state'], out['data']
+    Raises:
+      NonFiniteStateError: `state` holds a NaN or infinity (nothing is written).
+    """
+    digests, nonfinite = state_digests(state)
+    if nonfinite:
+      raise NonFiniteStateError(
+          f'the state at step {step} holds {nonfinite} non-finite values; not saving it '
+          f'(last checkpoint: step {self.latest_step()}): lower the learning rate or check '
+          'the data')
+    meta = _meta(step, digests, data_state, loop_state)
+    with quiet_orbax():
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+          meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore(self, step: int, abstract_state: Any) -> Restored:
+    """Restores and verifies onto the shardings carried by `abstract_state` (any mesh).
+
+    Raises:
+      CorruptCheckpoint: it cannot be read or fails verification.
+    """
+    self.wait()
+    return _agree(_read, self.manager, self.directory, step, abstract_state)
+
+  def saving(self) -> bool:
+    """Whether a save is still being written in the background."""
+    return self.manager.is_saving_in_progress()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -246,3 +666,9 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+if __name__ == '__main__':
+  # Through the imported module, so its classes are the ones the rest of the code uses.
+  from t5x_like import checkpoints as _checkpoints  # pylint: disable=g-import-self
+  sys.exit(_checkpoints.main())

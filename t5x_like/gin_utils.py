@@ -7,7 +7,8 @@ import inspect
 import logging
 import os
 import re
-from typing import Dict, List, Sequence
+import tokenize
+from typing import Dict, List, Optional, Sequence
 
 import gin
 
@@ -22,12 +23,10 @@ def _imports(paths: Sequence[str], bindings: Sequence[str]) -> Dict[str, str]:
   """alias -> module, from the `from X import Y [as Z]` lines of the gin files."""
   aliases = {}
   texts = list(bindings)
-  for p in paths:
-    try:
-      with open(p) as f:
-        texts.append(f.read())
-    except OSError:
-      pass
+  try:
+    texts += list(_gin_texts(paths).values())
+  except GinError:
+    pass
   pattern = re.compile(r'^\s*from\s+([\w.]+)\s+import\s+(\w+)(?:\s+as\s+(\w+))?', re.M)
   for text in texts:
     for pkg, name, alias in pattern.findall(text):
@@ -51,11 +50,57 @@ def _where(message: str) -> str:
   return f' ({m.group(1)})' if m else ''
 
 
-def explain(error: Exception, paths: Sequence[str], bindings: Sequence[str]) -> str:
-  """Rewrites a gin exception as one line naming the problem and the fix."""
+def _suggest_selector(selector: str, aliases: Dict[str, str]) -> str:
+  """'; did you mean X?' for a misspelled configurable or module in a selector."""
+  head, *rest = selector.split('.')
+  try:
+    importlib.import_module(aliases.get(head, head))
+  except Exception:  # pylint: disable=broad-except  (the module part is the typo)
+    close = difflib.get_close_matches(head, sorted(aliases), n=1)
+    return f'; did you mean {".".join([close[0]] + rest)}?' if close else (
+        f'; modules the gin files import: {", ".join(sorted(aliases))}' if aliases else '')
+  obj, done = importlib.import_module(aliases.get(head, head)), [head]
+  for part in rest:
+    if not hasattr(obj, part):
+      names = [n for n in dir(obj) if not n.startswith('_')]
+      close = difflib.get_close_matches(part, names, n=1)
+      return f'; did you mean {".".join(done + [close[0]])}?' if close else ''
+    obj, done = getattr(obj, part), done + [part]
+  return ''
+
+
+def explain(error: Exception, paths: Sequence[str], bindings: Sequence[str],
+            binding: Optional[str] = None) -> str:
+  """Rewrites a gin exception as one line naming the problem and the fix.
+
+  Args:
+    error: what gin raised.
+    paths: the gin files parsed.
+    bindings: the bindings parsed.
+    binding: the one binding being parsed when it was raised, if known.
+  """
   msg = str(error)
-  where = _where(msg)
+  where = f' in the binding {binding.strip()!r}' if binding else _where(msg)
   aliases = _imports(paths, bindings)
+  if isinstance(error, tokenize.TokenError) or re.search(
+      r'Unable to parse value|Expected newline|Malformed|Unexpected|EOF in', msg):
+    first = msg.strip().splitlines()[0] if msg.strip() else type(error).__name__
+    if binding:
+      key, _, value = binding.partition('=')
+      if not value.strip():
+        return f'the binding {binding.strip()!r} has no value: write --gin.{key.strip()}=VALUE'
+      return (f'cannot parse the binding {binding.strip()!r} ({first}): quote strings '
+              "(--gin.KEY=\"'text'\") and close brackets")
+    return f'cannot parse gin{where}: {first}: fix the syntax there'
+  m = re.search(r'Unable to open file: (\S+?)\.? Searched config paths', msg)
+  if m:
+    return (f'gin include {m.group(1)!r}{where} not found (searched the current directory, '
+            f'{GIN_DIR} and the folders of the gin files given): fix the include, or add its '
+            'folder with --gin_search_path')
+  m = re.search(r"No configurable matching (?:reference )?'@?([\w.]+)(?:\(\))?'", msg)
+  if m:
+    selector = m.group(1)
+    return (f'unknown gin configurable {selector}{where}{_suggest_selector(selector, aliases)}')
   m = re.search(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'", msg)
   if m:
     selector, param = m.groups()
@@ -102,8 +147,74 @@ def find_gin_file(path: str) -> str:
   raise GinError(f'gin file {path!r} not found (looked in the current directory and {GIN_DIR})')
 
 
+_INCLUDE = re.compile(r'''^\s*include\s+['"]([^'"]+)['"]''', re.M)
+_MACRO_USE = re.compile(r'%([A-Za-z_][\w.]*)')
+
+
+def _search_paths() -> List[str]:
+  return list(gin.config._LOCATION_PREFIXES)  # pylint: disable=protected-access
+
+
+def _read_gin_file(path: str) -> str:
+  if os.path.isdir(path):
+    raise GinError(f'gin file {path} is a directory: pass a .gin file')
+  try:
+    with open(path) as f:
+      return f.read()
+  except (OSError, UnicodeDecodeError) as e:
+    raise GinError(f'cannot read gin file {path} ({e.strerror if isinstance(e, OSError) else e}): '
+                   'fix its permissions or pass another file') from None
+
+
+def _resolve_include(name: str, including: str) -> Optional[str]:
+  for prefix in [''] + _search_paths() + [os.path.dirname(including)]:
+    candidate = os.path.join(prefix, name) if prefix else name
+    if os.path.isfile(candidate):
+      return os.path.abspath(candidate)
+  return None
+
+
+def _gin_texts(paths: Sequence[str]) -> Dict[str, str]:
+  """path -> text of every gin file the given ones include, transitively.
+
+  Raises:
+    GinError: an include loop, or a file that cannot be read.
+  """
+  texts: Dict[str, str] = {}
+
+  def visit(path: str, chain: List[str]) -> None:
+    path = os.path.abspath(path)
+    if path in chain:
+      loop = ' -> '.join(os.path.basename(p) for p in chain[chain.index(path):] + [path])
+      raise GinError(f'gin include loop: {loop}: remove one of these includes')
+    if path in texts:
+      return
+    texts[path] = _read_gin_file(path)
+    for name in _INCLUDE.findall(texts[path]):
+      found = _resolve_include(name, path)
+      if found is not None:  # a missing include is reported by gin itself
+        visit(found, chain + [path])
+
+  for p in paths:
+    visit(p, [])
+  return texts
+
+
+def _macros_defined() -> List[str]:
+  return [name for (name, kind) in gin.config._CONFIG  # pylint: disable=protected-access
+          if kind == 'gin.macro']
+
+
+def _binding_key(binding: str) -> str:
+  return binding.split('=', 1)[0].strip()
+
+
 def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
   """Parses gin files (shipped ones by relative name too) and bindings.
+
+  Besides gin's own checks: include loops and unreadable files are one line,
+  and a binding of a macro that no parsed file defines or uses (a typo such as
+  BATCH_SIZ, which gin would accept and ignore) is an error with a did-you-mean.
 
   Raises:
     GinError: with a one-line explanation.
@@ -112,17 +223,43 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
   gin.add_config_file_search_path(GIN_DIR)
   for p in paths:
     gin.add_config_file_search_path(os.path.dirname(os.path.abspath(p)))
+  texts = _gin_texts(paths)
   root = logging.getLogger()
   level = root.level
   # gin logs an error for every search path an include is not under; the real
   # failure, if any, is raised below.
   root.setLevel(logging.CRITICAL)
   try:
-    gin.parse_config_files_and_bindings(paths, list(bindings), finalize_config=False)
-  except (ValueError, AttributeError, ImportError, TypeError, SyntaxError, IOError) as e:
-    raise GinError(explain(e, paths, bindings)) from None
+    try:
+      gin.parse_config_files_and_bindings(paths, [], finalize_config=False)
+    except (ValueError, AttributeError, ImportError, TypeError, SyntaxError, IOError,
+            tokenize.TokenError) as e:
+      raise GinError(explain(e, paths, bindings)) from None
+    known = set(_macros_defined())
+    used = set(_MACRO_USE.findall('\n'.join(list(texts.values()) + list(bindings))))
+    for binding in bindings:
+      key = _binding_key(binding)
+      if key and '.' not in key and '/' not in key and key not in known | used:
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6) or [
+            m for m in sorted(known) if m.lower() == key.lower()]
+        hint = f'did you mean {close[0]}?' if close else (
+            f'macros these files define: {", ".join(sorted(known))}')
+        raise GinError(f'unknown gin macro {key} in the binding {binding.strip()!r}: no gin file '
+                       f'defines or uses it; {hint}')
+      try:
+        gin.parse_config(binding)
+      except (ValueError, AttributeError, ImportError, TypeError, SyntaxError, IOError,
+              tokenize.TokenError) as e:
+        raise GinError(explain(e, paths, [binding], binding=binding)) from None
   finally:
     root.setLevel(level)
+  defined = set(_macros_defined())
+  for name in sorted(used):
+    if not name.startswith('gin.') and name not in defined:
+      close = difflib.get_close_matches(name, sorted(defined), n=1)
+      raise GinError(f'gin macro {name} is used (%{name}) but never bound: ' +
+                     (f'did you mean %{close[0]}? ' if close else '') +
+                     f'or bind it with --gin.{name}=...')
   missing = unset_required_macros()
   if missing:
     flags = ' '.join(f'--gin.{m}=...' for m in missing)
@@ -162,3 +299,19 @@ def model_from_gin(gin_files: Sequence[str], bindings: Sequence[str] = ()):
   gin.clear_config()
   parse(gin_files, bindings)
   return gin.query_parameter('%MODEL').scoped_configurable_fn()
+
+
+def bound_macro(selector_suffix: str, param: str) -> Optional[str]:
+  """The macro a parsed gin config binds `<...selector_suffix>.param` to, if any
+  (so a range error can name the setting the user wrote, e.g. TRAIN_STEPS)."""
+  for (_, selector), values in gin.config._CONFIG.items():  # pylint: disable=protected-access
+    if selector.endswith(selector_suffix) and param in values:
+      text = str(values[param])
+      if text.startswith('%') and not text.startswith('%gin.'):
+        return text[1:]
+  return None
+
+
+def setting(selector: str, param: str) -> str:
+  """How a user sets `selector.param`: its macro if gin binds one, else the binding."""
+  return bound_macro(selector, param) or f'{selector}.{param}'

@@ -29,6 +29,7 @@ from t5x_like import checkpoints
 from t5x_like import gin_utils
 from t5x_like import loop
 from t5x_like import optimizers
+from t5x_like import signals
 from t5x_like import trainer as trainer_lib
 from t5x_like import upcycle
 from t5x_like import utils
@@ -45,7 +46,7 @@ logger = logging.getLogger('t5x_like')
 TrainingError = loop.TrainingError  # training cannot continue (exit code 1)
 
 # Errors that mean "the inputs are wrong": reported as one line, exit code 2.
-INPUT_ERRORS = (gin_utils.GinError, model_config.ConfigError, mesh_lib.MeshError,
+INPUT_ERRORS = (utils.InputError, gin_utils.GinError, model_config.ConfigError, mesh_lib.MeshError,
                 partitioner_lib.BatchError, pipeline.DataError, checkpoints.CheckpointError,
                 preprocessors.ObjectiveError, mixtures.MixtureError, sources.SourceError,
                 selection.SelectionError)
@@ -71,6 +72,8 @@ def train(*,
           allow_data_changes: bool = False,
           initial_checkpoint: Union[str, checkpoints.InitialCheckpoint, None] = None,
           initial_checkpoint_upcycle: bool = False,
+          spike_recovery: Optional[loop.SpikePolicy] = None,
+          evaluate_if_done: bool = False,
           peak_flops: Optional[float] = None,
           tensorboard: bool = True,
           hooks: Sequence[loop.Hook] = (),
@@ -102,19 +105,24 @@ def train(*,
     initial_checkpoint_upcycle: `initial_checkpoint` is a run of the dense
       version of this MoE model: copy each dense MLP into every expert of the
       corresponding MoE layer (sparse upcycling, `t5x_like/upcycle.py`).
+    spike_recovery: roll back past loss spikes (`loop.SpikePolicy`); None: a
+      non-finite loss or state stops the run.
+    evaluate_if_done: when MODEL_DIR already holds step `train_steps`,
+      evaluate it (otherwise the run says so and returns).
     peak_flops: the MFU denominator; measured (f32/bf16 matmul) when None.
     tensorboard: write TensorBoard event files.
     hooks: more `loop.Hook`s, called after the standard ones (non-finite
       check, step records, progress log, evaluation, checkpoints).
-    config_str: the operative gin config to write as MODEL_DIR/config.gin.
+    config_str: the operative gin config to write as MODEL_DIR/config.gin
+      (and config.<start step>.gin, one per launch).
 
   Returns:
     {'step', 'train_loss', 'eval': {...}, 'first_eval': {...}, 'stopped_by_signal',
     'seconds'} of the run.
   """
-  if train_steps < 1:
-    raise model_config.ConfigError(f'train_steps={train_steps} must be at least 1: set TRAIN_STEPS')
   # --- checks: nothing is written before these pass ------------------------------
+  _check_settings(locals())
+  _check_model_dir(model_dir)
   pipeline.validate(train_dataset, model)
   shapes = pipeline.batch_shapes(train_dataset, model)
   loss_groups = denoisers.loss_groups(train_dataset.mixture_or_task_name)
@@ -125,10 +133,17 @@ def train(*,
   if eval_split:
     eval_dataset = dataclasses.replace(train_dataset, split=eval_split, shuffle=False)
     pipeline.validate(eval_dataset, model)
-  resume_step = checkpoints.check_compatible(model_dir, trainer.abstract_state)
   initial = _initial_checkpoint(initial_checkpoint, initial_checkpoint_upcycle, model)
-  if initial is not None and resume_step is None:
+  data = pipeline.InputIterator(train_dataset, model,
+                                partitioner.host_slice(train_dataset.batch_size))
+  # Restored and verified before anything is written: a checkpoint that fails
+  # verification is passed over for the newest one that passes.
+  resumed = checkpoints.find_resumable(model_dir, trainer.abstract_state, loop.chief_print)
+  if resumed is not None:
+    data.restore(resumed.data, allow_changes=allow_data_changes)
+  elif initial is not None:
     initial.check(trainer.abstract_state.params)
+  start_step = resumed.step if resumed else 0
 
   lengths = train_dataset.task_feature_lengths
   flops_per_step = train_dataset.batch_size * param_count.train_flops_per_example(
@@ -144,6 +159,17 @@ def train(*,
       f'data: {train_dataset.mixture_or_task_name} {dict(lengths)}, global batch '
       f'{train_dataset.batch_size}, {tokens_per_step:,} tokens/step' +
       (f'; loss logged per denoiser family {", ".join(loss_groups)}' if loss_groups else ''))
+  if resumed is not None:
+    _describe_resume(resumed, data, train_steps)
+    if start_step >= train_steps and not evaluate_if_done:
+      loop.chief_print(
+          f'{model_dir} already holds step {start_step} (TRAIN_STEPS={train_steps}): nothing to '
+          'do (raise TRAIN_STEPS to train further, or set train_lib.train.evaluate_if_done = '
+          'True to evaluate it)')
+      return {'step': start_step, 'stopped_by_signal': False, 'seconds': 0.0}
+  if signals.agreed():
+    loop.chief_print('SIGTERM before training started: exiting without writing anything')
+    return {'step': start_step, 'stopped_by_signal': True, 'seconds': 0.0}
   if peak_flops is None:
     peak_flops = utils.measured_matmul_peak(model.config.dtype) * jax.device_count()
 
@@ -156,27 +182,36 @@ def train(*,
   is_chief = jax.process_index() == 0
   if is_chief:
     os.makedirs(model_dir, exist_ok=True)
+    for moved in checkpoints.set_aside(model_dir, resumed.rejected if resumed else ()):
+      loop.chief_print(f'moved the checkpoint that failed verification to {moved}')
     if config_str is not None:
-      with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
-        f.write(config_str)
+      _write_config(model_dir, config_str, start_step)
   ckpt = checkpoints.Checkpointer(model_dir, keep=keep_checkpoints, keep_period=keep_period,
                                   async_save=async_checkpointing)
   writer = loop.MetricsWriter(model_dir, is_chief, tensorboard)
   try:
-    data = pipeline.InputIterator(train_dataset, model,
-                                  partitioner.host_slice(train_dataset.batch_size))
-    if resume_step is not None:
-      state, data_state = ckpt.restore(resume_step, trainer.abstract_state)
-      data.restore(data_state, allow_changes=allow_data_changes)
-      loop.chief_print(f'resumed from step {resume_step} ({ckpt.directory}); data position '
-                       f'{data.batches_consumed} batches')
+    if resumed is not None:
+      state = resumed.state
     else:
       state = trainer.init_state()
       if initial is not None:
         state = state.replace(params=initial.restore(state.params))
         loop.chief_print(initial.describe())
 
-    checkpoint_policy = loop.CheckpointPolicy(ckpt, data, checkpoint_every, resume_step)
+    spike = None
+    if spike_recovery is not None:
+      spike = loop.SpikeRecovery(spike_recovery, ckpt, data, trainer.abstract_state, writer)
+      spike.load_state_dict(((resumed.loop if resumed else None) or {}).get(spike.key))
+
+    def loop_state():
+      out = {'train_steps': train_steps}
+      if spike is not None:
+        out[spike.key] = spike.state_dict()
+      return out
+
+    checkpoint_policy = loop.CheckpointPolicy(ckpt, data, checkpoint_every, resumed and start_step,
+                                              loop_state=loop_state,
+                                              save_at_start=spike is not None)
     evaluation = None
     if eval_dataset is not None:
       eval_it = pipeline.InputIterator(eval_dataset, model,
@@ -184,6 +219,7 @@ def train(*,
       evaluation = loop.Evaluation(trainer, [next(eval_it) for _ in range(eval_steps)], writer,
                                    eval_every)
     standard = [
+        *([spike] if spike else []),
         loop.NonFiniteLoss(lambda: checkpoint_policy.last_saved),
         loop.StepRecords(writer),
         loop.ProgressLog(writer, log_every, tokens_per_step, flops_per_step, peak_flops),
@@ -204,6 +240,103 @@ def train(*,
   if evaluation is not None and last.finished and not last.stopped:
     result['eval'] = evaluation.last
   return result
+
+
+def _setting(param: str) -> str:
+  """The name a user sets train()'s `param` by (its macro if gin binds one)."""
+  return gin_utils.bound_macro('.train', param) or f'train_lib.train.{param}'
+
+
+def _check_settings(args: Dict[str, Any]) -> None:
+  """Types and ranges of train()'s own settings, each named as the user sets it."""
+  for param, low in (('train_steps', 1), ('num_microbatches', 1), ('log_every', 1),
+                     ('eval_every', 0), ('checkpoint_every', 1), ('keep_checkpoints', 1)):
+    utils.check_int(_setting(param), args[param], low)
+  if args['eval_split'] is not None:
+    utils.check_int(_setting('eval_steps'), args['eval_steps'], 1,
+                    fix='set train_lib.train.eval_steps >= 1, or eval_split = None to skip '
+                    'evaluation')
+    if not isinstance(args['eval_split'], str) or not args['eval_split']:
+      raise utils.InputError(f'{_setting("eval_split")}={args["eval_split"]!r} must be a split '
+                             "name such as 'validation', or None to skip evaluation")
+  if args['keep_period'] is not None:
+    utils.check_int(_setting('keep_period'), args['keep_period'], 1,
+                    fix='set train_lib.train.keep_period >= 1, or None')
+  if isinstance(args['seed'], bool) or not isinstance(args['seed'], (int, np.integer)):
+    raise utils.InputError(f'{_setting("seed")}={args["seed"]!r} must be an integer: set '
+                           'train_lib.train.seed')
+  if args['peak_flops'] is not None:
+    utils.check_float(_setting('peak_flops'), args['peak_flops'], 0, include_low=False,
+                      fix='set train_lib.train.peak_flops to the FLOP/s of the machine, or None '
+                      'to measure it')
+  for flag in ('async_checkpointing', 'allow_data_changes', 'initial_checkpoint_upcycle',
+               'evaluate_if_done', 'tensorboard'):
+    if not isinstance(args[flag], bool):
+      raise utils.InputError(f'{_setting(flag)}={args[flag]!r} must be True or False')
+  if args['spike_recovery'] is not None and not isinstance(args['spike_recovery'],
+                                                           loop.SpikePolicy):
+    raise utils.InputError(f'{_setting("spike_recovery")}={args["spike_recovery"]!r} must be '
+                           '@loop.SpikePolicy() or None')
+  for name, cls in (('model', model_lib.BaseModel), ('train_dataset', pipeline.DatasetConfig),
+                    ('optimizer', optimizers.Optimizer),
+                    ('partitioner', partitioner_lib.Partitioner)):
+    if not isinstance(args[name], cls):
+      raise utils.InputError(f'{_setting(name)} is {type(args[name]).__name__}, not a '
+                             f'{cls.__name__}: bind it to a {cls.__name__} (see gin/runs/)')
+
+
+def _check_model_dir(model_dir) -> None:
+  """MODEL_DIR must be a directory this process can create or write."""
+  name = _setting('model_dir')
+  if not isinstance(model_dir, str) or not model_dir.strip():
+    raise utils.InputError(f'{name}={model_dir!r} must name a directory: set {name} to where '
+                           'checkpoints and logs go')
+  path = os.path.abspath(model_dir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise utils.InputError(f'{name}={model_dir!r} is a file, not a directory: point {name} at '
+                           'a directory')
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise utils.InputError(f'{name}={model_dir!r} cannot be created: {existing} is a file; '
+                           f'point {name} elsewhere')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise utils.InputError(f'{name}={model_dir!r} is not writable ({existing} does not allow '
+                           f'writing): point {name} at a writable directory')
+  for sub in ('checkpoints', 'train', 'eval', 'metrics.jsonl', 'config.gin'):
+    p = os.path.join(path, sub)
+    if os.path.exists(p) and not os.access(p, os.W_OK):
+      raise utils.InputError(f'{p} is not writable: fix its permissions or point {name} at a '
+                             'new directory')
+  ckpt = os.path.join(path, 'checkpoints')
+  if os.path.exists(ckpt) and not os.path.isdir(ckpt):
+    raise utils.InputError(f'{ckpt} is a file, not a directory: move it away or point {name} '
+                           'at a new directory')
+
+
+def _describe_resume(resumed: checkpoints.Restored, data: pipeline.InputIterator,
+                     train_steps: int) -> None:
+  loop.chief_print(f'resumed from step {resumed.step} ({"verified" if resumed.verified else "unverified: written without digests"}); '
+                   f'data position {data.batches_consumed} batches')
+  before = (resumed.loop or {}).get('train_steps')
+  if before is not None and before != train_steps and resumed.step < train_steps:
+    loop.chief_print(f'TRAIN_STEPS changed from {before} to {train_steps}: the learning-rate '
+                     f'schedule is rebuilt for the new total, from step {resumed.step}')
+
+
+def _write_config(model_dir: str, config_str: str, start_step: int) -> None:
+  """config.gin (the latest launch) and config.<start step>.gin (every launch)."""
+  with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
+    f.write(config_str)
+  path, n = os.path.join(model_dir, f'config.{start_step}.gin'), 1
+  while os.path.exists(path):
+    with open(path) as f:
+      if f.read() == config_str:
+        return
+    path, n = os.path.join(model_dir, f'config.{start_step}.{n}.gin'), n + 1
+  with open(path, 'w') as f:
+    f.write(config_str)
 
 
 def _initial_checkpoint(initial_checkpoint, upcycle_flag: bool, model
@@ -270,6 +403,7 @@ def main(argv: Sequence[str]) -> Dict[str, Any]:
     jax.config.update('jax_cpu_collectives_implementation', args.cpu_collectives)
     jax.distributed.initialize(coordinator_address=args.coordinator_address,
                                num_processes=args.num_processes, process_id=args.process_id)
+    signals.install()  # take SIGTERM back from XLA's preemption notifier
   for p in args.gin_search_path:
     gin.add_config_file_search_path(p)
   return run(args.gin_file, gin_utils.split_argv(gin_flags))
@@ -282,7 +416,7 @@ def console_main(argv: Optional[Sequence[str]] = None) -> None:
   except INPUT_ERRORS as e:
     print(f'error: {str(e).strip().splitlines()[0]}', file=sys.stderr)
     sys.exit(2)
-  except loop.TrainingError as e:
+  except utils.TrainingError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   if result.get('eval'):
@@ -293,6 +427,7 @@ def console_main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == '__main__':
+  signals.install()
   # Run through the imported module: gin binds `t5x_like.train.train`, not `__main__.train`.
   from t5x_like import train as _train_module  # pylint: disable=g-import-self
   _train_module.console_main()

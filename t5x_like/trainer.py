@@ -201,7 +201,14 @@ class Trainer:
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = self.optimizer.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # One fused reduction over the new state: a NaN or infinity in the parameters
+    # or the optimizer state (e.g. from an overflowing update, with a finite loss)
+    # stops the run before that state can be checkpointed.
+    nonfinite = sum((jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
+                     for x in jax.tree.leaves((params, opt_state))
+                     if jnp.issubdtype(x.dtype, jnp.inexact)), jnp.int32(0))
     metrics.update(
+        nonfinite_state=metrics_lib.Sum(nonfinite),
         grad_norm=metrics_lib.Last(optax.tree.norm(grads)),
         learning_rate=metrics_lib.Last(
             jnp.asarray(self.optimizer.learning_rate(state.step), jnp.float32), console='.2e'))

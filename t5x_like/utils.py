@@ -2,10 +2,12 @@
 
 import datetime
 import functools
+import math
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @functools.lru_cache(maxsize=None)
@@ -25,3 +27,43 @@ def measured_matmul_peak(dtype: str = 'float32', n: int = 2048, repeats: int = 5
 
 def format_duration(seconds: float) -> str:
   return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+class TrainingError(RuntimeError):
+  """Training cannot continue (a non-finite loss or state, repeated loss spikes): exit code 1."""
+
+
+class InputError(ValueError):
+  """A setting out of its valid range or of the wrong type: exit code 2, one line."""
+
+
+def _binding(name: str) -> str:
+  return name if '.' in name else f'train_lib.train.{name}'
+
+
+def check_int(name: str, value, low: int = 1, fix: str = '') -> None:
+  """Raises InputError unless `value` is an int (not a bool) >= low.
+
+  Args:
+    name: the gin binding that sets it, as the user writes it.
+    fix: what to do instead (default: set the binding to a whole number >= low).
+  """
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+    what = {0: 'a non-negative integer', 1: 'a positive integer'}.get(low, f'an integer >= {low}')
+    raise InputError(f'{name}={value!r} must be {what}: ' +
+                     (fix or f'set {_binding(name)} to a whole number >= {low}'))
+
+
+def check_float(name: str, value, low: float = 0.0, high: float = math.inf,
+                include_low: bool = True, include_high: bool = False, fix: str = '') -> None:
+  """Raises InputError unless `value` is a finite real number in the given range."""
+  ok = (not isinstance(value, bool) and isinstance(value, (int, float, np.floating, np.integer))
+        and math.isfinite(value))
+  if ok:
+    ok = (value >= low if include_low else value > low) and (
+        value <= high if include_high else value < high)
+  if not ok:
+    lo, hi = '[' if include_low else '(', ']' if include_high else ')'
+    upper = 'inf' if high == math.inf else f'{high:g}'
+    raise InputError(f'{name}={value!r} must be a finite number in {lo}{low:g}, {upper}{hi}: ' +
+                     (fix or f'set {_binding(name)} to a value in that range'))

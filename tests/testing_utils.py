@@ -161,3 +161,35 @@ def lower_forward_and_grad(backend, fn, args, argnums):
   bwd = jax.jit(jax.grad(loss, argnums=argnums)).trace(*args).lower(
       lowering_platforms=(platform,)).as_text()
   return fwd, bwd
+
+
+CORRUPTIONS = ('bitflip', 'truncate', 'delete', 'metadata')
+
+
+def corrupt(model_dir, step, kind):
+  """Damages checkpoint `step` of MODEL_DIR: one flipped bit in the middle of
+  its largest data file, that file cut in half or deleted, or garbage in the
+  state's metadata. Returns the damaged file's path."""
+  root = os.path.join(model_dir, 'checkpoints', str(step))
+  if kind == 'metadata':
+    path = os.path.join(root, 'state', '_METADATA')
+    with open(path, 'w') as f:
+      f.write('{"tree_metadata": garbage')
+    return path
+  files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, 'state')) for f in fs]
+  path = max(files, key=os.path.getsize)
+  size = os.path.getsize(path)
+  if kind == 'bitflip':
+    with open(path, 'r+b') as f:
+      f.seek(size // 2)
+      byte = f.read(1)[0]
+      f.seek(size // 2)
+      f.write(bytes([byte ^ 0x10]))
+  elif kind == 'truncate':
+    with open(path, 'r+b') as f:
+      f.truncate(size // 2)
+  elif kind == 'delete':
+    os.remove(path)
+  else:
+    raise ValueError(kind)
+  return path

@@ -9,7 +9,7 @@ exact next batch. Skipping replays the preprocessing of the skipped batches.
 
 import dataclasses
 import hashlib
-from typing import Any, Dict, Iterator, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import numpy as np
 import seqio
@@ -149,6 +149,7 @@ class InputIterator:
     self.row_slice = row_slice
     self.num_epochs = num_epochs
     self.batches_consumed = 0
+    self.skipped: List[List[int]] = []  # [first, end) ranges of batches never trained on
     self.last_batch_hash: Optional[str] = None
     self._it: Optional[Iterator] = None
 
@@ -170,7 +171,16 @@ class InputIterator:
     return {k: v[self.row_slice] for k, v in batch.items()}
 
   def state(self) -> Dict[str, Any]:
-    return {'batches_consumed': self.batches_consumed, **fingerprint(self.config)}
+    return {'batches_consumed': self.batches_consumed, 'skipped': [list(r) for r in self.skipped],
+            **fingerprint(self.config)}
+
+  def skip(self, n: int) -> None:
+    """Moves the position forward over `n` batches (recorded in `skipped`)."""
+    if n <= 0:
+      return
+    self.skipped.append([self.batches_consumed, self.batches_consumed + n])
+    self.batches_consumed += n
+    self._it = None
 
   def restore(self, state: Mapping[str, Any], allow_changes: bool = False) -> None:
     """Continues after `state['batches_consumed']` batches of the same stream.
@@ -180,11 +190,13 @@ class InputIterator:
     this pipeline afresh instead.
     """
     mine = self.state()
-    changed = [k for k in mine if k != 'batches_consumed' and k in state and state[k] != mine[k]]
+    changed = [k for k in mine if k not in ('batches_consumed', 'skipped') and k in state
+               and state[k] != mine[k]]
     if changed and not allow_changes:
       diffs = ', '.join(f'{k}: checkpoint {state[k]!r} vs now {mine[k]!r}' for k in changed)
       raise DataError(f'the checkpointed data iterator was for another pipeline ({diffs}): '
                       'restore with the same data settings, or set '
                       'train.allow_data_changes = True to start this pipeline afresh')
     self.batches_consumed = 0 if changed else int(state['batches_consumed'])
+    self.skipped = [] if changed else [list(r) for r in state.get('skipped', [])]
     self._it = None

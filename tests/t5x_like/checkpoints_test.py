@@ -20,7 +20,7 @@ def test_keep_last_n_plus_every_k(tmp_path):
   assert checkpoints.latest_step(str(tmp_path)) == 10
   again = checkpoints.Checkpointer(str(tmp_path))
   abstract = {'w': jax.ShapeDtypeStruct((4,), jnp.float32)}
-  restored, data = again.restore(8, abstract)
+  restored = again.restore(8, abstract)
   again.close()
-  np.testing.assert_array_equal(restored['w'], np.arange(4.0) + 8)
-  assert data == {'batches_consumed': 8}
+  np.testing.assert_array_equal(restored.state['w'], np.arange(4.0) + 8)
+  assert restored.data == {'batches_consumed': 8} and restored.verified

@@ -96,8 +96,11 @@ class _FakeCheckpointer:
   def __init__(self):
     self.saved = []
 
-  def save(self, step, state, data_state):
+  def save(self, step, state, data_state, loop_state=None):
     self.saved.append((step, data_state['batches_consumed']))
+
+  def saving(self):
+    return False
 
 
 def test_non_finite_loss_stops_before_the_checkpoint_policy_saves(trainer):
