@@ -83,7 +83,7 @@ def explain(error: Exception, paths: Sequence[str], bindings: Sequence[str],
   where = f' in the binding {binding.strip()!r}' if binding else _where(msg)
   aliases = _imports(paths, bindings)
   if isinstance(error, tokenize.TokenError) or re.search(
-      r'Unable to parse value|Expected newline|Malformed|Unexpected|EOF in', msg):
+      r'Unable to parse value|Expected newline|[Mm]alformed|Unexpected|EOF in', msg):
     first = msg.strip().splitlines()[0] if msg.strip() else type(error).__name__
     if binding:
       key, _, value = binding.partition('=')

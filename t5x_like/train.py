@@ -181,9 +181,13 @@ def train(*,
     multihost_utils.sync_global_devices('t5x_like:checks_done')
   is_chief = jax.process_index() == 0
   if is_chief:
-    os.makedirs(model_dir, exist_ok=True)
+    try:
+      os.makedirs(model_dir, exist_ok=True)
+    except OSError as e:
+      raise utils.InputError(f'{_setting("model_dir")}={model_dir!r} cannot be created '
+                             f'({e.strerror}): point it at a writable directory') from None
     for moved in checkpoints.set_aside(model_dir, resumed.rejected if resumed else ()):
-      loop.chief_print(f'moved the checkpoint that failed verification to {moved}')
+      loop.chief_print(f'set the damaged checkpoint aside: {moved}')
     if config_str is not None:
       _write_config(model_dir, config_str, start_step)
   ckpt = checkpoints.Checkpointer(model_dir, keep=keep_checkpoints, keep_period=keep_period,
@@ -353,8 +357,15 @@ def _initial_checkpoint(initial_checkpoint, upcycle_flag: bool, model
   return checkpoints.ParamsCheckpoint(initial_checkpoint)
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+  """Flag errors as one line (exit code 2 through console_main), not usage text."""
+
+  def error(self, message):
+    raise utils.InputError(f'{message}: see python -m train --help')
+
+
 def _parse_args(argv: Sequence[str]):
-  parser = argparse.ArgumentParser(
+  parser = _ArgumentParser(
       prog='python -m train',
       description='Train a model from gin files; --gin.KEY=value overrides a binding.')
   parser.add_argument('--gin_file', action='append', default=[],

@@ -38,7 +38,7 @@ class InputError(ValueError):
 
 
 def _binding(name: str) -> str:
-  return name if '.' in name else f'train_lib.train.{name}'
+  return name if '.' in name or name.isupper() else f'train_lib.train.{name}'
 
 
 def check_int(name: str, value, low: int = 1, fix: str = '') -> None:

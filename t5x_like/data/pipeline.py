@@ -16,6 +16,8 @@ import seqio
 import tensorflow as tf
 
 from models import model as model_lib
+from t5x_like import gin_utils
+from t5x_like import utils
 from t5x_like.data import mixtures
 from t5x_like.data import tasks  # pylint: disable=unused-import  (registers the corpus tasks)
 
@@ -48,9 +50,28 @@ class DatasetConfig:
   use_cached: bool = False
 
   def __post_init__(self):
-    object.__setattr__(self, 'task_feature_lengths', dict(self.task_feature_lengths))
-    if self.batch_size < 1:
-      raise DataError(f'batch size {self.batch_size} must be at least 1')
+    def name(field):
+      return gin_utils.setting('pipeline.DatasetConfig', field)
+
+    if not isinstance(self.mixture_or_task_name, str) or not self.mixture_or_task_name:
+      raise DataError(f'{name("mixture_or_task_name")}={self.mixture_or_task_name!r} must be '
+                      "the name of a seqio task or mixture, e.g. 'stdlib_lm'")
+    lengths = self.task_feature_lengths
+    if not isinstance(lengths, Mapping) or not lengths:
+      raise DataError(f'{name("task_feature_lengths")}={lengths!r} must map feature names to '
+                      "lengths, e.g. {'targets': 512}")
+    for key, length in lengths.items():
+      utils.check_int(f'{name("task_feature_lengths")}[{key!r}]', length, 1,
+                      fix=f'set {name("task_feature_lengths")} to positive whole lengths')
+    object.__setattr__(self, 'task_feature_lengths', dict(lengths))
+    utils.check_int(name('batch_size'), self.batch_size, 1)
+    if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+      raise DataError(f'{name("seed")}={self.seed!r} must be an integer: set {name("seed")}')
+    if not isinstance(self.split, str) or not self.split:
+      raise DataError(f'{name("split")}={self.split!r} must be a split name such as \'train\'')
+    for flag in ('shuffle', 'pack', 'use_cached'):
+      if not isinstance(getattr(self, flag), bool):
+        raise DataError(f'{name(flag)}={getattr(self, flag)!r} must be True or False')
 
 
 def get_mixture_or_task(name: str):
@@ -92,7 +113,9 @@ def validate(config: DatasetConfig, model: model_lib.BaseModel) -> None:
                       f'model vocab_size is {model.config.vocab_size}: raise '
                       f'{type(model.config).__name__}.vocab_size')
   if config.split not in task.splits:
-    raise DataError(f'split {config.split!r} is not one of {list(task.splits)}')
+    raise DataError(f'split {config.split!r} is not one of {list(task.splits)}: set '
+                    f'{"train_lib.train.eval_split" if config.split != "train" else "pipeline.DatasetConfig.split"} '
+                    'to one of those')
   model.check_lengths(config.task_feature_lengths)
 
 
