@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 
 from t5x_like import utils
 
-FORMAT = 1  # the `meta` item's layout
+FORMAT = 2  # the `meta` item's layout (2: one 32-bit weighted sum per array)
 
 
 class CheckpointError(ValueError):
@@ -279,18 +279,25 @@ def _words(x: jax.Array) -> jax.Array:
 
 
 def _leaf_digest(x: jax.Array) -> jax.Array:
-  """Two position-weighted sums of the array's words, mod 2**32: [2] uint32.
+  """A position-weighted sum of the array's words, mod 2**32: a uint32 scalar.
 
   Integer sums do not depend on the order of reduction, so the digest is the
-  same for any sharding, on any device; odd weights make every single-bit
-  change, and any two words swapped, change the first sum.
+  same for any sharding, on any device; the odd weights make every single-bit
+  change, and any two different words swapped, change it. (One pass over the
+  array: on GPU/TPU at memory bandwidth; XLA's CPU backend reduces integers at
+  about 2 GB/s, see docs/benchmarks.md.)
   """
   w = _words(x)
   i = lax.iota(jnp.uint32, w.shape[0])
-  first = jnp.sum(w * (2 * i + 1), dtype=jnp.uint32)
-  second = jnp.sum((w ^ (i * jnp.uint32(0x9E3779B9))) * ((i * jnp.uint32(0x85EBCA6B)) | 1),
-                   dtype=jnp.uint32)
-  return jnp.stack([first, second])
+  return jnp.sum(w * (2 * i + 1), dtype=jnp.uint32)
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every value of the tree's floating-point arrays is finite: one
+  float reduction per array (x * 0 is NaN exactly where x is NaN or infinite)."""
+  flags = [jnp.isfinite(jnp.sum(x * 0, dtype=jnp.float32)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
 def _nonfinite_count(tree: Any) -> jax.Array:
@@ -300,8 +307,8 @@ def _nonfinite_count(tree: Any) -> jax.Array:
   return sum(counts, jnp.int32(0))
 
 
-def _digest_and_count(tree):
-  return jax.tree.map(_leaf_digest, tree), _nonfinite_count(tree)
+def _digest_and_check(tree):
+  return jax.tree.map(_leaf_digest, tree), all_finite(tree)
 
 
 _DIGEST_FNS: Dict[Any, Callable] = {}
@@ -320,10 +327,13 @@ def state_digests(tree: Any) -> Tuple[Dict[str, str], int]:
   computed where the arrays are (one jitted pass; collective across hosts)."""
   out = _replicated(tree)
   if out not in _DIGEST_FNS:
-    _DIGEST_FNS[out] = jax.jit(_digest_and_count, out_shardings=out)
-  digests, count = jax.device_get(_DIGEST_FNS[out](tree))
+    _DIGEST_FNS[out] = (jax.jit(_digest_and_check, out_shardings=out),
+                        jax.jit(_nonfinite_count, out_shardings=out))
+  digest_fn, count_fn = _DIGEST_FNS[out]
+  digests, finite = jax.device_get(digest_fn(tree))
+  count = 0 if finite else max(int(jax.device_get(count_fn(tree))), 1)
   flat = jax.tree_util.tree_flatten_with_path(digests)[0]
-  return {_describe(p): f'{int(d[0]):08x}{int(d[1]):08x}' for p, d in flat}, int(count)
+  return {_describe(p): f'{int(d):08x}' for p, d in flat}, count
 
 
 def _json_digest(value: Any) -> str:

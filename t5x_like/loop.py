@@ -223,7 +223,7 @@ def non_finite(info: StepInfo) -> Optional[str]:
   if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
     return f'loss is {info.loss} (gradient norm {grad_norm})'
   if bad:
-    return f'the parameters and optimizer state hold {int(bad)} non-finite values (loss {info.loss})'
+    return f'the parameters or optimizer state hold non-finite values (loss {info.loss})'
   return None
 
 

@@ -21,6 +21,7 @@ from models import metrics as metrics_lib
 from models import model as model_lib
 from partitioning import axes as ax
 from partitioning import partitioner as partitioner_lib
+from t5x_like import checkpoints
 from t5x_like import optimizers
 
 Array = jax.Array
@@ -204,11 +205,9 @@ class Trainer:
     # One fused reduction over the new state: a NaN or infinity in the parameters
     # or the optimizer state (e.g. from an overflowing update, with a finite loss)
     # stops the run before that state can be checkpointed.
-    nonfinite = sum((jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
-                     for x in jax.tree.leaves((params, opt_state))
-                     if jnp.issubdtype(x.dtype, jnp.inexact)), jnp.int32(0))
+    finite = checkpoints.all_finite((params, opt_state))
     metrics.update(
-        nonfinite_state=metrics_lib.Sum(nonfinite),
+        nonfinite_state=metrics_lib.Last(1.0 - finite.astype(jnp.float32)),
         grad_norm=metrics_lib.Last(optax.tree.norm(grads)),
         learning_rate=metrics_lib.Last(
             jnp.asarray(self.optimizer.learning_rate(state.step), jnp.float32), console='.2e'))

@@ -139,7 +139,7 @@ def test_overflowing_learning_rate_is_never_committed(tmp_path, spike):
   finite (computed before the update) but the state after it is not."""
   model_dir = str(tmp_path / 'run')
   kw = dict(spike_recovery=loop.SpikePolicy(window=2, max_rollbacks=2)) if spike else {}
-  pattern = (r'the parameters and optimizer state hold \d+ non-finite values .*at step 1' +
+  pattern = (r'the parameters or optimizer state hold non-finite values .*at step 1' +
              (r'.*spiked 3 times after restoring step 0' if spike else
               r'; stopping without saving this state \(last checkpoint: step None\)'))
   with pytest.raises(train_lib.TrainingError, match=pattern):

@@ -69,13 +69,34 @@ def test_run_writes_everything_and_learns(full_run):
     assert {'loss', 'accuracy', 'nonpadding_fraction'} <= tags, (kind, tags)
 
 
-def test_resume_continues_bit_for_bit(full_run, tmp_path):
+def test_resume_continues_bit_for_bit(full_run, tmp_path, capsys):
   model_dir, _ = full_run
   resumed = str(tmp_path / 'resumed')
   train_lib.run(FILES, bindings(resumed, 6))  # stops at 6 with a checkpoint
+  capsys.readouterr()
   result = train_lib.run(FILES, bindings(resumed, 9))
   assert result['step'] == 9
   assert tu.step_records(resumed) == tu.step_records(model_dir)
+  out = capsys.readouterr().out
+  assert 'resumed from step 6 (verified)' in out
+  assert ('TRAIN_STEPS changed from 6 to 9: the learning-rate schedule is rebuilt for the new '
+          'total, from step 6') in out
+  # Each launch keeps its config; metrics.jsonl records carry wall-clock time.
+  for name, steps in (('config.0.gin', 6), ('config.6.gin', 9), ('config.gin', 9)):
+    with open(os.path.join(resumed, name)) as f:
+      assert f'TRAIN_STEPS = {steps}' in f.read(), name
+  with open(os.path.join(resumed, 'metrics.jsonl')) as f:
+    times = [json.loads(line)['time'] for line in f]
+  assert times == sorted(times) and times[-1] > 1.7e9
+
+  # A finished run says so and leaves MODEL_DIR as it is.
+  before = snapshot(resumed)
+  result = train_lib.run(FILES, bindings(resumed, 9))
+  assert result['step'] == 9 and 'eval' not in result
+  assert 'already holds step 9 (TRAIN_STEPS=9): nothing to do' in capsys.readouterr().out
+  assert snapshot(resumed) == before
+  result = train_lib.run(FILES, bindings(resumed, 9, 'train_lib.train.evaluate_if_done = True'))
+  assert result['eval']['loss'] == pytest.approx(full_run[1]['eval']['loss'])
 
 
 def test_restore_onto_another_mesh(full_run, tmp_path):
