@@ -20,12 +20,15 @@ import abc
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import hashlib
 import json
 import logging
 import os
 import sys
+import threading
+import zlib
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import jax
@@ -188,6 +191,7 @@ def restore_params(directory: str, step: int, abstract_params: Any = None) -> An
     abstract_params = saved_params(directory, step)
   item = {'params': abstract_params}
   verified = _has_item(directory, step, 'meta')
+  _check_manifest(directory, step)
   handlers = {'state': ocp.PyTreeCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
   with open_read_only(directory, handlers) as manager:
     try:
@@ -402,6 +406,70 @@ def _quiet_failed_reads() -> Iterator[None]:
     raise
 
 
+# --- file manifests -----------------------------------------------------------------
+
+MANIFEST = 'files.json'
+
+
+def _crc32(path: str) -> int:
+  crc = 0
+  with open(path, 'rb') as f:
+    while True:
+      chunk = f.read(1 << 22)
+      if not chunk:
+        return crc
+      crc = zlib.crc32(chunk, crc)
+
+
+def write_manifest(directory: str, step: int) -> None:
+  """Records the size and CRC32 of every file of committed checkpoint `step`
+  (atomically, in <step>/files.json), so a change to any byte, also one no
+  array reads, is caught."""
+  step_dir = os.path.join(directory, str(step))
+  files = {}
+  for d, _, names in os.walk(step_dir):
+    for name in names:
+      path = os.path.join(d, name)
+      rel = os.path.relpath(path, step_dir)
+      if not rel.startswith(MANIFEST):
+        files[rel] = [os.path.getsize(path), _crc32(path)]
+  manifest = {'step': step, 'files': files}
+  manifest['checksum'] = _json_digest(manifest)
+  tmp = os.path.join(step_dir, MANIFEST + '.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(manifest, f)
+  os.replace(tmp, os.path.join(step_dir, MANIFEST))
+
+
+def _check_manifest(directory: str, step: int) -> None:
+  """Raises CorruptCheckpoint naming the first file that changed since it was
+  written (checkpoints saved without a manifest pass)."""
+  step_dir = os.path.join(directory, str(step))
+  path = os.path.join(step_dir, MANIFEST)
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+    rest = {k: v for k, v in manifest.items() if k != 'checksum'}
+    ok = _json_digest(rest) == manifest['checksum'] and manifest['step'] == step
+  except (ValueError, KeyError, TypeError, AttributeError, OSError):
+    ok = False
+  if not ok:
+    raise CorruptCheckpoint(step, f'{MANIFEST}: unreadable or checksum mismatch')
+  for rel, (size, crc) in sorted(manifest['files'].items()):
+    file = os.path.join(step_dir, rel)
+    if not os.path.exists(file):
+      raise CorruptCheckpoint(step, f'{rel}: missing')
+    actual = os.path.getsize(file)
+    if actual != size:
+      raise CorruptCheckpoint(step, f'{rel}: {actual} bytes, {size} when written (truncated '
+                              'or overwritten)')
+    if _crc32(file) != crc:
+      raise CorruptCheckpoint(step, f'{rel}: contents changed since it was written (CRC32 '
+                              'mismatch)')
+
+
 # --- restoring ----------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -428,10 +496,12 @@ def _has_item(directory: str, step: int, item: str) -> bool:
   return os.path.isdir(os.path.join(directory, str(step), item))
 
 
-def _read(manager: ocp.CheckpointManager, directory: str, step: int, abstract_state: Any
-          ) -> Restored:
+def _read(manager: ocp.CheckpointManager, directory: str, step: int, abstract_state: Any,
+          files_checked: bool = False) -> Restored:
   """Restores and verifies one checkpoint; any failure is a CorruptCheckpoint."""
   verified = _has_item(directory, step, 'meta')
+  if not files_checked:
+    _check_manifest(directory, step)
   try:
     items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
     if verified:
@@ -495,8 +565,10 @@ def find_resumable(model_dir: str, abstract_state: Any,
   with open_read_only(directory) as manager:
     for step in steps:
       try:
+        _check_manifest(directory, step)
         _check_shapes(manager, directory, step, abstract_state)
-        restored = _agree(_read, manager, directory, step, abstract_state)
+        restored = _agree(functools.partial(_read, files_checked=True), manager, directory,
+                          step, abstract_state)
       except CorruptCheckpoint as e:
         rejected.append(e)
         older = [s for s in steps if s < step]
@@ -628,9 +700,13 @@ class Checkpointer:
     if keep < 1:
       raise CheckpointError(f'keep={keep} must be at least 1: set train.keep_checkpoints')
     self.directory = checkpoint_dir(model_dir)
+    self._unlisted: List[int] = []  # committed (or being saved) without a file manifest yet
+    self._lock = threading.Lock()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, keep_period=keep_period, create=True,
-        cleanup_tmp_directories=True, enable_async_checkpointing=async_save)
+        cleanup_tmp_directories=True, enable_async_checkpointing=async_save,
+        async_options=(ocp.AsyncOptions(post_finalization_callback=self._write_manifests)
+                       if async_save else None))
     with quiet_orbax():
       self.manager = ocp.CheckpointManager(self.directory, options=options,
                                            item_handlers=_handlers())
@@ -652,10 +728,31 @@ class Checkpointer:
           f'(last checkpoint: step {self.latest_step()}): lower the learning rate or check '
           'the data')
     meta = _meta(step, digests, data_state, loop_state)
+    with self._lock:
+      self._unlisted.append(step)
     with quiet_orbax():
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
           meta=ocp.args.JsonSave(meta)), force=True)
+    if not self.manager.is_saving_in_progress():
+      self._write_manifests()
+
+  def _write_manifests(self) -> None:
+    """After a commit (orbax calls it from its background thread): the file
+    manifest of every checkpoint this Checkpointer committed (process 0)."""
+    with self._lock:
+      for step in list(self._unlisted):
+        step_dir = os.path.join(self.directory, str(step))
+        if not os.path.isdir(step_dir):
+          if not self.manager.is_saving_in_progress():
+            self._unlisted.remove(step)  # deleted by retention, or never committed
+          continue
+        try:
+          if jax.process_index() == 0:
+            write_manifest(self.directory, step)
+        except FileNotFoundError:  # retention removed it meanwhile
+          pass
+        self._unlisted.remove(step)
 
   def restore(self, step: int, abstract_state: Any) -> Restored:
     """Restores and verifies onto the shardings carried by `abstract_state` (any mesh).
@@ -672,9 +769,10 @@ class Checkpointer:
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
+    self._write_manifests()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
 

@@ -7,10 +7,16 @@ saves the current step and exits 0. The handler only sets a flag; the loop
 reads it once per step (`agreed()`: the flags of all processes, all-gathered,
 so every process takes the same branch).
 
-`jax.distributed.initialize` starts XLA's preemption notifier, which installs
-its own C-level SIGTERM handler and so silently takes over from Python's;
-`install()` is called again after it (and when the loop starts) to take the
-signal back.
+`jax.distributed.initialize` would start XLA's preemption notifier, which
+installs its own C-level SIGTERM handler and so silently takes over from
+Python's (`signal.getsignal` still returns ours; XLA only logs "SIGTERM caught
+at ..." and the run goes on): `train.main` turns that service off
+(`jax_enable_preemption_service`) before joining the job, and calls `install()`
+again after it (as the loop does when it starts) in case anything else took the
+signal.
+
+A SIGTERM in the first moments of the interpreter, before `install()` runs,
+still kills the process (status -15): nothing has been written by then.
 
 This module imports nothing heavy at the top: it runs before jax is imported.
 """
@@ -63,6 +69,10 @@ def agreed() -> bool:
     return _state['requested']
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  # The result is not written back to the flag: a SIGTERM handled while the
+  # all-gather runs (where a process mostly waits) sets the flag after it was
+  # read, and writing back the gathered False would lose that request. Left
+  # alone, the flag goes into the next all-gather and every process stops a step
+  # later, together.
   flags = multihost_utils.process_allgather(np.int32(_state['requested']))
-  _state['requested'] = bool(np.max(flags))
-  return _state['requested']
+  return bool(np.max(flags))

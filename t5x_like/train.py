@@ -8,6 +8,10 @@ Order of work: every check that can fail (gin, mesh, batch, data, model,
 checkpoint compatibility) runs before anything is written to MODEL_DIR.
 """
 
+if __name__ == '__main__':  # `python -m t5x_like.train`: honour SIGTERM before the heavy imports
+  from t5x_like import signals as _early_signals  # pylint: disable=g-import-not-at-top
+  _early_signals.install()
+
 import argparse
 import dataclasses
 import logging
@@ -412,9 +416,14 @@ def main(argv: Sequence[str]) -> Dict[str, Any]:
   if args.coordinator_address or args.num_processes:
     # Only affects CPU devices; lets CPU processes run cross-process collectives.
     jax.config.update('jax_cpu_collectives_implementation', args.cpu_collectives)
+    # Without this, initialize() starts XLA's preemption notifier, whose C-level
+    # SIGTERM handler replaces ours (signal.getsignal still names ours): a SIGTERM
+    # would then only be logged by XLA ("SIGTERM caught at ...") and the run would
+    # go on. The loop's all-gathered stop flag does the notifier's job.
+    jax.config.update('jax_enable_preemption_service', False)
     jax.distributed.initialize(coordinator_address=args.coordinator_address,
                                num_processes=args.num_processes, process_id=args.process_id)
-    signals.install()  # take SIGTERM back from XLA's preemption notifier
+    signals.install()  # in case something else took SIGTERM during initialize
   for p in args.gin_search_path:
     gin.add_config_file_search_path(p)
   return run(args.gin_file, gin_utils.split_argv(gin_flags))
@@ -438,7 +447,6 @@ def console_main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == '__main__':
-  signals.install()
   # Run through the imported module: gin binds `t5x_like.train.train`, not `__main__.train`.
   from t5x_like import train as _train_module  # pylint: disable=g-import-self
   _train_module.console_main()

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import signal
 import sys
 
 import flax.linen as nn
@@ -103,6 +104,16 @@ def subprocess_env(devices=None):
              if not f.startswith('--xla_force_host_platform_device_count')]
     e['XLA_FLAGS'] = ' '.join(flags + [f'--xla_force_host_platform_device_count={devices}'])
   return e
+
+
+def catches_sigterm(pid):
+  """Process `pid` has a SIGTERM handler in place (Linux: SigCgt in /proc/PID/status):
+  a test can send SIGTERM "as early as possible" without racing the start-up."""
+  with open(f'/proc/{pid}/status') as f:
+    for line in f:
+      if line.startswith('SigCgt:'):
+        return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+  return False
 
 
 def load_script(name):

@@ -4,6 +4,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -61,15 +62,23 @@ def test_chaos_sigkills_lose_nothing(uninterrupted_dir, tmp_path):
   assert all(name.isdigit() for name in os.listdir(ckpt_dir)), os.listdir(ckpt_dir)
 
 
-def test_sigterm_during_start_up_exits_zero_and_writes_nothing(tmp_path):
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc/PID/status')
+@pytest.mark.parametrize('entry', ['train', 't5x_like.train'])
+def test_sigterm_at_start_exits_zero_writing_nothing_and_start_is_quiet(tmp_path, entry):
   model_dir = str(tmp_path / 'early')
-  proc = start(model_dir)
-  time.sleep(2)  # importing jax, parsing gin, building the model: before any step
+  cmd = command(model_dir)
+  cmd[2] = entry  # python -m train, or python -m t5x_like.train
+  env = tu.subprocess_env()
+  env.pop('TF_CPP_MIN_LOG_LEVEL', None)  # the entry itself keeps TensorFlow's probing quiet
+  proc = subprocess.Popen(cmd, cwd=tu.ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  wait_for(proc, lambda: tu.catches_sigterm(proc.pid))  # before jax is even imported
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=240)
   assert proc.returncode == 0, err[-3000:]
   assert 'SIGTERM before training started: exiting without writing anything' in out
   assert not os.path.exists(model_dir)
+  assert err == ''  # no CUDA/TPU probing lines on a CPU-only machine
 
 
 def test_sigterm_saves_current_step_and_exits_zero(tmp_path):
