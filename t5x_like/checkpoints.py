@@ -18,6 +18,7 @@ checkpoints offline.
 
 import abc
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -326,9 +327,88 @@ def _replicated(tree) -> Optional[jax.sharding.Sharding]:
   return None
 
 
+_BLOCK = 4096  # the host digest's row length (any value gives the same digest)
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                              thread_name_prefix='t5x_like_digest')
+
+
+def _host_words(x: np.ndarray) -> np.ndarray:
+  """The array's bits as a flat uint32 vector, as `_words` makes them on device."""
+  x = np.ascontiguousarray(x).reshape(-1)
+  if x.dtype == np.bool_:
+    return x.astype(np.uint32)
+  size = x.dtype.itemsize
+  if size == 4:
+    return x.view(np.uint32)
+  if size in (1, 2):
+    return x.view(np.dtype(f'uint{8 * size}')).astype(np.uint32)
+  return x.view(np.uint32)
+
+
+def _host_digest(x: np.ndarray) -> int:
+  """`_leaf_digest` with numpy: sum_i w_i (2i + 1) mod 2**32, computed as
+  2 (K sum_r r rowsum_r + sum_c c colsum_c) + sum_i w_i over rows of K words,
+  two vectorised passes (XLA's CPU backend reduces integers several times slower)."""
+  w = _host_words(x)
+  n = w.shape[0]
+  full = n - n % _BLOCK
+  with np.errstate(over='ignore'):
+    total = np.uint32(0)
+    if full:
+      rows = w[:full].reshape(-1, _BLOCK)
+      row_sums = rows.sum(axis=1, dtype=np.uint32)
+      col_sums = rows.sum(axis=0, dtype=np.uint32)
+      r = np.arange(row_sums.shape[0], dtype=np.uint32)
+      c = np.arange(_BLOCK, dtype=np.uint32)
+      weighted = (np.uint32(_BLOCK) * (r * row_sums).sum(dtype=np.uint32) +
+                  (c * col_sums).sum(dtype=np.uint32))
+      total = np.uint32(2) * weighted + row_sums.sum(dtype=np.uint32)
+    if full < n:
+      i = np.arange(full, n, dtype=np.uint32)
+      total = total + (w[full:] * (np.uint32(2) * i + np.uint32(1))).sum(dtype=np.uint32)
+  return int(total)
+
+
+def _host_finite(x: np.ndarray) -> bool:
+  if x.dtype in (np.float32, np.float16):
+    # A float32 sum is finite only if every value is (fast); one that overflowed
+    # from large finite values is settled exactly.
+    return bool(np.isfinite(np.sum(x, dtype=np.float32))) or bool(np.isfinite(x).all())
+  if x.dtype == np.float64:
+    return bool(np.isfinite(x).all())
+  if jnp.issubdtype(x.dtype, jnp.inexact):  # bfloat16 and the other ml_dtypes
+    return bool(np.isfinite(x.astype(np.float32)).all())
+  return True
+
+
+def _on_host(tree) -> bool:
+  """Whether the arrays are in this process's CPU memory (the numpy path)."""
+  leaves = jax.tree.leaves(tree)
+  return bool(leaves) and all(
+      not isinstance(x, jax.Array) or (x.is_fully_addressable and all(
+          d.platform == 'cpu' for d in x.sharding.device_set)) for x in leaves)
+
+
 def state_digests(tree: Any) -> Tuple[Dict[str, str], int]:
-  """({array path: digest}, number of non-finite values) of a tree of arrays,
-  computed where the arrays are (one jitted pass; collective across hosts)."""
+  """({array path: digest}, number of non-finite values) of a tree of arrays.
+
+  Where the arrays are on an accelerator or spread over hosts: one jitted
+  pass where they are (collective across hosts). In this process's CPU
+  memory: the same digests with numpy, several times faster than XLA's CPU
+  integer reductions.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  if _on_host(tree):
+    arrays = [np.asarray(x) for _, x in flat]
+
+    def one(a):  # numpy releases the GIL in its reductions: one thread per core
+      return _host_digest(a), _host_finite(a)
+    order = sorted(range(len(arrays)), key=lambda i: -arrays[i].size)
+    results = dict(zip(order, _POOL.map(one, [arrays[i] for i in order])))
+    digests = {_describe(p): f'{results[i][0]:08x}' for i, (p, _) in enumerate(flat)}
+    count = sum(int((~np.isfinite(arrays[i].astype(np.float32))).sum())
+                for i in range(len(arrays)) if not results[i][1])
+    return digests, count
   out = _replicated(tree)
   if out not in _DIGEST_FNS:
     _DIGEST_FNS[out] = (jax.jit(_digest_and_check, out_shardings=out),
@@ -338,6 +418,15 @@ def state_digests(tree: Any) -> Tuple[Dict[str, str], int]:
   count = 0 if finite else max(int(jax.device_get(count_fn(tree))), 1)
   flat = jax.tree_util.tree_flatten_with_path(digests)[0]
   return {_describe(p): f'{int(d):08x}' for p, d in flat}, count
+
+
+def device_digests(tree: Any) -> Dict[str, str]:
+  """The digests computed on device (what `state_digests` does off the CPU)."""
+  out = _replicated(tree)
+  digests = jax.device_get(jax.jit(lambda t: jax.tree.map(_leaf_digest, t),
+                                   out_shardings=out)(tree))
+  return {_describe(p): f'{int(d):08x}' for p, d in
+          jax.tree_util.tree_flatten_with_path(digests)[0]}
 
 
 def _json_digest(value: Any) -> str:
@@ -426,13 +515,10 @@ def write_manifest(directory: str, step: int) -> None:
   (atomically, in <step>/files.json), so a change to any byte, also one no
   array reads, is caught."""
   step_dir = os.path.join(directory, str(step))
-  files = {}
-  for d, _, names in os.walk(step_dir):
-    for name in names:
-      path = os.path.join(d, name)
-      rel = os.path.relpath(path, step_dir)
-      if not rel.startswith(MANIFEST):
-        files[rel] = [os.path.getsize(path), _crc32(path)]
+  paths = sorted(os.path.join(d, name) for d, _, names in os.walk(step_dir) for name in names
+                 if not name.startswith(MANIFEST))
+  crcs = list(_POOL.map(_crc32, paths))  # zlib releases the GIL on large buffers
+  files = {os.path.relpath(p, step_dir): [os.path.getsize(p), c] for p, c in zip(paths, crcs)}
   manifest = {'step': step, 'files': files}
   manifest['checksum'] = _json_digest(manifest)
   tmp = os.path.join(step_dir, MANIFEST + '.tmp')
@@ -457,7 +543,8 @@ def _check_manifest(directory: str, step: int) -> None:
     ok = False
   if not ok:
     raise CorruptCheckpoint(step, f'{MANIFEST}: unreadable or checksum mismatch')
-  for rel, (size, crc) in sorted(manifest['files'].items()):
+  listed = sorted(manifest['files'].items())
+  for rel, (size, _) in listed:
     file = os.path.join(step_dir, rel)
     if not os.path.exists(file):
       raise CorruptCheckpoint(step, f'{rel}: missing')
@@ -465,7 +552,9 @@ def _check_manifest(directory: str, step: int) -> None:
     if actual != size:
       raise CorruptCheckpoint(step, f'{rel}: {actual} bytes, {size} when written (truncated '
                               'or overwritten)')
-    if _crc32(file) != crc:
+  crcs = _POOL.map(_crc32, [os.path.join(step_dir, rel) for rel, _ in listed])
+  for (rel, (_, crc)), actual in zip(listed, crcs):
+    if actual != crc:
       raise CorruptCheckpoint(step, f'{rel}: contents changed since it was written (CRC32 '
                               'mismatch)')
 

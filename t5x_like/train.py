@@ -22,6 +22,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 import gin
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from models import config as model_config
@@ -181,7 +182,6 @@ def train(*,
   if jax.process_count() > 1:
     # Every process has finished its read-only checks before process 0 writes, so
     # all of them take the same resume decision.
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices('t5x_like:checks_done')
   is_chief = jax.process_index() == 0
   if is_chief:
@@ -194,6 +194,9 @@ def train(*,
       loop.chief_print(f'set the damaged checkpoint aside: {moved}')
     if config_str is not None:
       _write_config(model_dir, config_str, start_step)
+  if jax.process_count() > 1:
+    # Every process opens the checkpoint directory after the damaged steps moved away.
+    multihost_utils.sync_global_devices('t5x_like:model_dir_ready')
   ckpt = checkpoints.Checkpointer(model_dir, keep=keep_checkpoints, keep_period=keep_period,
                                   async_save=async_checkpointing)
   writer = loop.MetricsWriter(model_dir, is_chief, tensorboard)

@@ -58,6 +58,23 @@ def test_digest_changes_with_every_bit_and_not_with_sharding():
   assert checkpoints.state_digests({'x': x.at[3, 3].set(jnp.nan)})[1] == 1
 
 
+def test_host_digests_equal_device_digests():
+  """state_digests uses numpy for arrays in CPU memory and XLA elsewhere: the
+  same numbers, so a checkpoint saved on one verifies on the other."""
+  rng = np.random.RandomState(1)
+  tree = {}
+  for n in (0, 1, 7, 4095, 4096, 4097, 3 * 4096 + 5):
+    for dtype in (np.float32, np.float16, np.int32, np.uint8, np.bool_):
+      tree[f'{np.dtype(dtype).name}_{n}'] = jnp.asarray(
+          (rng.randn(n) * 100).astype(dtype) if dtype != np.bool_ else rng.rand(n) > 0.5)
+    tree[f'bf16_{n}'] = jnp.asarray(rng.randn(n), jnp.bfloat16)
+  host, _ = checkpoints.state_digests(tree)
+  assert checkpoints._on_host(tree)  # pylint: disable=protected-access
+  assert host == checkpoints.device_digests(tree)
+  nan = {'x': jnp.ones(5000).at[4097].set(jnp.nan), 'h': jnp.ones(3, jnp.bfloat16).at[0].set(jnp.inf)}
+  assert checkpoints.state_digests(nan)[1] == 2
+
+
 def test_save_refuses_a_non_finite_state_and_writes_nothing(tmp_path):
   ckpt = checkpoints.Checkpointer(str(tmp_path), async_save=False)
   ckpt.save(1, {'w': jnp.ones(4)}, {'batches_consumed': 1})
