@@ -182,7 +182,13 @@ def saved_params(directory: str, step: int) -> Any:
   if params is None:
     raise CheckpointError(f'checkpoint step {step} in {directory} has no params: point '
                           'train.initial_checkpoint at a t5x_like MODEL_DIR')
-  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), params)
+  return _abstract(params)
+
+
+def _abstract(saved: Any, sharding: Optional[jax.sharding.Sharding] = None) -> Any:
+  """ShapeDtypeStructs (on `sharding`) for a tree of orbax array metadata."""
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
+                      saved)
 
 
 def restore_params(directory: str, step: int, abstract_params: Any = None) -> Any:
@@ -191,26 +197,12 @@ def restore_params(directory: str, step: int, abstract_params: Any = None) -> An
   if abstract_params is None:
     abstract_params = saved_params(directory, step)
   item = {'params': abstract_params}
-  verified = _has_item(directory, step, 'meta')
-  _check_manifest(directory, step)
+  state_args = ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True)
   handlers = {'state': ocp.PyTreeCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
   with open_read_only(directory, handlers) as manager:
-    try:
-      items = dict(state=ocp.args.PyTreeRestore(
-          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-          partial_restore=True))
-      if verified:
-        items['meta'] = ocp.args.JsonRestore()
-      with quiet_orbax(), _quiet_failed_reads():
-        out = manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:  # pylint: disable=broad-except
-      raise CorruptCheckpoint(step, _first_line(e)) from None
-  digests, nonfinite = state_digests(out['state'])
-  if verified:
-    _check_meta(step, out['meta'])
-    _compare_digests(step, out['meta']['state'], digests, partial=True)
-  if nonfinite:
-    raise CorruptCheckpoint(step, f'params hold {nonfinite} non-finite values')
+    out, _ = _restore_verified(manager, directory, step, state_args, with_data=False)
   return out['state']['params']
 
 
@@ -389,16 +381,16 @@ def _on_host(tree) -> bool:
           d.platform == 'cpu' for d in x.sharding.device_set)) for x in leaves)
 
 
-def state_digests(tree: Any) -> Tuple[Dict[str, str], int]:
+def state_digests(tree: Any, on_device: Optional[bool] = None) -> Tuple[Dict[str, str], int]:
   """({array path: digest}, number of non-finite values) of a tree of arrays.
 
   Where the arrays are on an accelerator or spread over hosts: one jitted
   pass where they are (collective across hosts). In this process's CPU
   memory: the same digests with numpy, several times faster than XLA's CPU
-  integer reductions.
+  integer reductions. `on_device` forces one path (None: chosen as above).
   """
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  if _on_host(tree):
+  if not on_device and (on_device is False or _on_host(tree)):
     arrays = [np.asarray(x) for _, x in flat]
 
     def one(a):  # numpy releases the GIL in its reductions: one thread per core
@@ -420,31 +412,31 @@ def state_digests(tree: Any) -> Tuple[Dict[str, str], int]:
   return {_describe(p): f'{int(d):08x}' for p, d in flat}, count
 
 
-def device_digests(tree: Any) -> Dict[str, str]:
-  """The digests computed on device (what `state_digests` does off the CPU)."""
-  out = _replicated(tree)
-  digests = jax.device_get(jax.jit(lambda t: jax.tree.map(_leaf_digest, t),
-                                   out_shardings=out)(tree))
-  return {_describe(p): f'{int(d):08x}' for p, d in
-          jax.tree_util.tree_flatten_with_path(digests)[0]}
-
-
 def _json_digest(value: Any) -> str:
   return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def _sealed(record: Dict[str, Any]) -> Dict[str, Any]:
+  """`record` with a checksum of itself (for `meta` and the file manifest)."""
+  return {**record, 'checksum': _json_digest(record)}
+
+
+def _seal_intact(record: Any) -> bool:
+  """Whether a record made by `_sealed` still matches its checksum."""
+  if not isinstance(record, dict) or 'checksum' not in record:
+    return False
+  return _json_digest({k: v for k, v in record.items() if k != 'checksum'}) == record['checksum']
+
+
 def _meta(step: int, digests: Dict[str, str], data_state: Any, loop_state: Any) -> Dict[str, Any]:
-  meta = {'format': FORMAT, 'step': step, 'state': digests, 'data': _json_digest(data_state),
-          'loop': loop_state}
-  meta['checksum'] = _json_digest(meta)
-  return meta
+  return _sealed({'format': FORMAT, 'step': step, 'state': digests,
+                  'data': _json_digest(data_state), 'loop': loop_state})
 
 
 def _check_meta(step: int, meta: Any) -> None:
   if not isinstance(meta, dict) or 'checksum' not in meta:
     raise CorruptCheckpoint(step, 'meta: not a t5x_like checkpoint record')
-  rest = {k: v for k, v in meta.items() if k != 'checksum'}
-  if _json_digest(rest) != meta['checksum']:
+  if not _seal_intact(meta):
     raise CorruptCheckpoint(step, 'meta: checksum mismatch')
   if meta.get('format') != FORMAT or meta.get('step') != step:
     raise CorruptCheckpoint(step, f'meta: format {meta.get("format")} step {meta.get("step")}, '
@@ -519,8 +511,7 @@ def write_manifest(directory: str, step: int) -> None:
                  if not name.startswith(MANIFEST))
   crcs = list(_POOL.map(_crc32, paths))  # zlib releases the GIL on large buffers
   files = {os.path.relpath(p, step_dir): [os.path.getsize(p), c] for p, c in zip(paths, crcs)}
-  manifest = {'step': step, 'files': files}
-  manifest['checksum'] = _json_digest(manifest)
+  manifest = _sealed({'step': step, 'files': files})
   tmp = os.path.join(step_dir, MANIFEST + '.tmp')
   with open(tmp, 'w') as f:
     json.dump(manifest, f)
@@ -537,9 +528,8 @@ def _check_manifest(directory: str, step: int) -> None:
   try:
     with open(path) as f:
       manifest = json.load(f)
-    rest = {k: v for k, v in manifest.items() if k != 'checksum'}
-    ok = _json_digest(rest) == manifest['checksum'] and manifest['step'] == step
-  except (ValueError, KeyError, TypeError, AttributeError, OSError):
+    ok = _seal_intact(manifest) and manifest['step'] == step
+  except (ValueError, KeyError, TypeError, OSError):
     ok = False
   if not ok:
     raise CorruptCheckpoint(step, f'{MANIFEST}: unreadable or checksum mismatch')
@@ -585,31 +575,53 @@ def _has_item(directory: str, step: int, item: str) -> bool:
   return os.path.isdir(os.path.join(directory, str(step), item))
 
 
-def _read(manager: ocp.CheckpointManager, directory: str, step: int, abstract_state: Any,
-          files_checked: bool = False) -> Restored:
-  """Restores and verifies one checkpoint; any failure is a CorruptCheckpoint."""
+def _restore_verified(manager: ocp.CheckpointManager, directory: str, step: int, state_args,
+                      with_data: bool = True, files_checked: bool = False
+                      ) -> Tuple[Dict[str, Any], bool]:
+  """Restores `state` (all of it, or part with a partial `state_args`), `data`
+  and `meta`, and verifies what it read: the file manifest, `meta`'s checksum,
+  the data digest, the digests of the arrays restored, finiteness.
+
+  Returns:
+    (orbax's output by item, whether the checkpoint carried digests).
+
+  Raises:
+    CorruptCheckpoint: any failure.
+  """
   verified = _has_item(directory, step, 'meta')
   if not files_checked:
     _check_manifest(directory, step)
   try:
-    items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+    items = dict(state=state_args)
+    if with_data:
+      items['data'] = ocp.args.JsonRestore()
     if verified:
       items['meta'] = ocp.args.JsonRestore()
     with quiet_orbax(), _quiet_failed_reads():
       out = manager.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # pylint: disable=broad-except  (tensorstore, json, orbax: all unreadable)
     raise CorruptCheckpoint(step, _first_line(e)) from None
-  meta = out['meta'] if verified else None
   if verified:
-    _check_meta(step, meta)
-    if _json_digest(out['data']) != meta['data']:
+    _check_meta(step, out['meta'])
+    if with_data and _json_digest(out['data']) != out['meta']['data']:
       raise CorruptCheckpoint(step, 'data: digest mismatch')
   digests, nonfinite = state_digests(out['state'])
   if verified:
-    _compare_digests(step, meta['state'], digests)
+    _compare_digests(step, out['meta']['state'], digests, partial=not with_data)
   if nonfinite:
-    raise CorruptCheckpoint(step, f'state holds {nonfinite} non-finite values')
-  return Restored(step, out['state'], out['data'], meta['loop'] if verified else None, verified)
+    what = 'state holds' if with_data else 'params hold'
+    raise CorruptCheckpoint(step, f'{what} {nonfinite} non-finite values')
+  return out, verified
+
+
+def _read(manager: ocp.CheckpointManager, directory: str, step: int, abstract_state: Any,
+          files_checked: bool = False) -> Restored:
+  """Restores and verifies one whole checkpoint; any failure is a CorruptCheckpoint."""
+  out, verified = _restore_verified(manager, directory, step,
+                                    ocp.args.StandardRestore(abstract_state),
+                                    files_checked=files_checked)
+  return Restored(step, out['state'], out['data'], out['meta']['loop'] if verified else None,
+                  verified)
 
 
 def _check_shapes(manager, directory: str, step: int, abstract_state: Any) -> None:
@@ -645,8 +657,8 @@ def find_resumable(model_dir: str, abstract_state: Any,
   """
   directory = checkpoint_dir(model_dir)
   if os.path.exists(directory) and not os.path.isdir(directory):
-    raise CheckpointError(f'{directory} is not a directory: move it away, or point MODEL_DIR at '
-                          'a new directory')
+    raise CheckpointError(f'{directory} is a file, not a directory: move it away or point '
+                          'MODEL_DIR at a new directory')
   steps = sorted(all_steps(model_dir), reverse=True)
   if not steps:
     return None
@@ -732,8 +744,7 @@ def verify(model_dir: str, step: Optional[int] = None) -> List[Tuple[int, str, s
         try:
           with quiet_orbax():
             saved = manager.item_metadata(s)['state']
-          abstract = jax.tree.map(
-              lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), saved)
+          abstract = _abstract(saved, device)
         except Exception as e:  # pylint: disable=broad-except
           raise CorruptCheckpoint(s, f'state metadata: {_first_line(e)}') from None
         restored = _read(manager, directory, s, abstract)

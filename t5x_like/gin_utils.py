@@ -8,7 +8,7 @@ import logging
 import os
 import re
 import tokenize
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import gin
 
@@ -301,17 +301,36 @@ def model_from_gin(gin_files: Sequence[str], bindings: Sequence[str] = ()):
   return gin.query_parameter('%MODEL').scoped_configurable_fn()
 
 
-def bound_macro(selector_suffix: str, param: str) -> Optional[str]:
-  """The macro a parsed gin config binds `<...selector_suffix>.param` to, if any
-  (so a range error can name the setting the user wrote, e.g. TRAIN_STEPS)."""
-  for (_, selector), values in gin.config._CONFIG.items():  # pylint: disable=protected-access
+_ANY = object()
+
+
+def bound_macro(selector_suffix: str, param: str, value: Any = _ANY) -> Optional[str]:
+  """The macro the parsed gin config binds `<...selector_suffix>.param` to, if
+  any, so a range error can name the setting the user wrote (e.g. TRAIN_STEPS).
+
+  With `value`, only a macro that currently holds that value counts: a function
+  called directly from Python after some gin file was parsed is not blamed on
+  a macro of that older config.
+  """
+  config = gin.config._CONFIG  # pylint: disable=protected-access
+  for (_, selector), values in config.items():
     if selector.endswith(selector_suffix) and param in values:
       text = str(values[param])
-      if text.startswith('%') and not text.startswith('%gin.'):
-        return text[1:]
+      if not text.startswith('%') or text.startswith('%gin.'):
+        continue
+      macro = text[1:]
+      bound = config.get((macro, 'gin.macro'), {}).get('value', _ANY)
+      if value is not _ANY and not isinstance(bound, gin.config.ConfigurableReference):
+        try:
+          if not bool(bound == value):
+            continue
+        except Exception:  # pylint: disable=broad-except  (values that do not compare)
+          continue
+      return macro
   return None
 
 
-def setting(selector: str, param: str) -> str:
-  """How a user sets `selector.param`: its macro if gin binds one, else the binding."""
-  return bound_macro(selector, param) or f'{selector}.{param}'
+def setting(selector: str, param: str, value: Any = _ANY) -> str:
+  """How a user sets `selector.param`: its macro if gin binds one (holding
+  `value`, when given), else the binding."""
+  return bound_macro(selector, param, value) or f'{selector}.{param}'

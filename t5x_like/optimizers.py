@@ -25,43 +25,43 @@ class Optimizer:
   learning_rate: Schedule
 
 
-def _name(fn: str, param: str) -> str:
-  """How a user sets `optimizers.<fn>.<param>` (its macro when gin binds one)."""
-  return gin_utils.setting(f'optimizers.{fn}', param)
+def _name(fn: str, param: str, value) -> str:
+  """How a user sets `optimizers.<fn>.<param>` to `value` (its macro when gin binds one)."""
+  return gin_utils.setting(f'optimizers.{fn}', param, value)
 
 
 def _schedule(fn: str, lr: Union[float, Schedule]) -> Schedule:
   if callable(lr):
     return lr
-  utils.check_float(_name(fn, 'learning_rate'), lr, 0.0)
+  utils.check_float(_name(fn, 'learning_rate', lr), lr, 0.0)
   return optax.constant_schedule(lr)
 
 
 def _check_warmup(fn: str, warmup_steps: int, decay_steps: Optional[int] = None,
                   decays: bool = True):
-  utils.check_int(_name(fn, 'warmup_steps'), warmup_steps, 0)
+  utils.check_int(_name(fn, 'warmup_steps', warmup_steps), warmup_steps, 0)
   if decays:
-    utils.check_int(_name(fn, 'decay_steps'), decay_steps, 1)
+    utils.check_int(_name(fn, 'decay_steps', decay_steps), decay_steps, 1)
     if decay_steps <= warmup_steps:
       raise utils.InputError(
-          f'{_name(fn, "decay_steps")}={decay_steps} must exceed {_name(fn, "warmup_steps")}='
+          f'{_name(fn, "decay_steps", decay_steps)}={decay_steps} must exceed {_name(fn, "warmup_steps", warmup_steps)}='
           f'{warmup_steps}: lower the warmup or raise the number of steps')
 
 
 def _check_peak(fn: str, peak_value: float, end_ratio: Optional[float] = None):
-  utils.check_float(_name(fn, 'peak_value'), peak_value, 0.0)
+  utils.check_float(_name(fn, 'peak_value', peak_value), peak_value, 0.0)
   if end_ratio is not None:
-    utils.check_float(_name(fn, 'end_ratio'), end_ratio, 0.0, 1.0, include_high=True)
+    utils.check_float(_name(fn, 'end_ratio', end_ratio), end_ratio, 0.0, 1.0, include_high=True)
 
 
 def _check_clip(fn: str, clip_norm: Optional[float]):
   if clip_norm is not None:
-    utils.check_float(_name(fn, 'clip_norm'), clip_norm, 0.0, include_low=False,
+    utils.check_float(_name(fn, 'clip_norm', clip_norm), clip_norm, 0.0, include_low=False,
                       fix=f'set optimizers.{fn}.clip_norm > 0, or None for no clipping')
 
 
 def constant(value: float = 1e-3) -> Schedule:
-  utils.check_float(_name('constant', 'value'), value, 0.0)
+  utils.check_float(_name('constant', 'value', value), value, 0.0)
   return optax.constant_schedule(value)
 
 
@@ -109,9 +109,9 @@ def adamw(learning_rate: Union[float, Schedule] = 1e-3, b1: float = 0.9, b2: flo
   """AdamW with decoupled weight decay on matrices, after global-norm clipping."""
   lr = _schedule('adamw', learning_rate)
   for name, value in (('b1', b1), ('b2', b2)):
-    utils.check_float(_name('adamw', name), value, 0.0, 1.0)
-  utils.check_float(_name('adamw', 'eps'), eps, 0.0)
-  utils.check_float(_name('adamw', 'weight_decay'), weight_decay, 0.0)
+    utils.check_float(_name('adamw', name, value), value, 0.0, 1.0)
+  utils.check_float(_name('adamw', 'eps', eps), eps, 0.0)
+  utils.check_float(_name('adamw', 'weight_decay', weight_decay), weight_decay, 0.0)
   _check_clip('adamw', clip_norm)
   parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
   parts.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
@@ -126,13 +126,13 @@ def adafactor(learning_rate: Union[float, Schedule] = 1e-2, decay_rate: float = 
   """Adafactor (Shazeer & Stern, 2018) with factored second moments for matrices
   whose two largest dims are at least `min_dim_size_to_factor`."""
   lr = _schedule('adafactor', learning_rate)
-  utils.check_float(_name('adafactor', 'decay_rate'), decay_rate, 0.0, 1.0, include_low=False,
+  utils.check_float(_name('adafactor', 'decay_rate', decay_rate), decay_rate, 0.0, 1.0, include_low=False,
                     include_high=True)
-  utils.check_int(_name('adafactor', 'min_dim_size_to_factor'), min_dim_size_to_factor, 1)
+  utils.check_int(_name('adafactor', 'min_dim_size_to_factor', min_dim_size_to_factor), min_dim_size_to_factor, 1)
   if momentum is not None:
-    utils.check_float(_name('adafactor', 'momentum'), momentum, 0.0, 1.0)
+    utils.check_float(_name('adafactor', 'momentum', momentum), momentum, 0.0, 1.0)
   if weight_decay is not None:
-    utils.check_float(_name('adafactor', 'weight_decay'), weight_decay, 0.0)
+    utils.check_float(_name('adafactor', 'weight_decay', weight_decay), weight_decay, 0.0)
   _check_clip('adafactor', clip_norm)
   parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
   parts.append(optax.adafactor(lr, min_dim_size_to_factor=min_dim_size_to_factor,
@@ -146,7 +146,7 @@ def sgd(learning_rate: Union[float, Schedule] = 1e-2, momentum: Optional[float] 
         clip_norm: Optional[float] = None) -> Optimizer:
   lr = _schedule('sgd', learning_rate)
   if momentum is not None:
-    utils.check_float(_name('sgd', 'momentum'), momentum, 0.0, 1.0)
+    utils.check_float(_name('sgd', 'momentum', momentum), momentum, 0.0, 1.0)
   _check_clip('sgd', clip_norm)
   parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
   parts.append(optax.sgd(lr, momentum=momentum))

@@ -188,7 +188,7 @@ def train(*,
     try:
       os.makedirs(model_dir, exist_ok=True)
     except OSError as e:
-      raise utils.InputError(f'{_setting("model_dir")}={model_dir!r} cannot be created '
+      raise utils.InputError(f'{_setting("model_dir", model_dir)}={model_dir!r} cannot be created '
                              f'({e.strerror}): point it at a writable directory') from None
     for moved in checkpoints.set_aside(model_dir, resumed.rejected if resumed else ()):
       loop.chief_print(f'set the damaged checkpoint aside: {moved}')
@@ -253,52 +253,52 @@ def train(*,
   return result
 
 
-def _setting(param: str) -> str:
-  """The name a user sets train()'s `param` by (its macro if gin binds one)."""
-  return gin_utils.bound_macro('.train', param) or f'train_lib.train.{param}'
+def _setting(param: str, value) -> str:
+  """The name a user sets train()'s `param` to `value` by (its macro if gin binds one)."""
+  return gin_utils.bound_macro('.train', param, value) or f'train_lib.train.{param}'
 
 
 def _check_settings(args: Dict[str, Any]) -> None:
   """Types and ranges of train()'s own settings, each named as the user sets it."""
   for param, low in (('train_steps', 1), ('num_microbatches', 1), ('log_every', 1),
                      ('eval_every', 0), ('checkpoint_every', 1), ('keep_checkpoints', 1)):
-    utils.check_int(_setting(param), args[param], low)
+    utils.check_int(_setting(param, args[param]), args[param], low)
   if args['eval_split'] is not None:
-    utils.check_int(_setting('eval_steps'), args['eval_steps'], 1,
+    utils.check_int(_setting('eval_steps', args['eval_steps']), args['eval_steps'], 1,
                     fix='set train_lib.train.eval_steps >= 1, or eval_split = None to skip '
                     'evaluation')
     if not isinstance(args['eval_split'], str) or not args['eval_split']:
-      raise utils.InputError(f'{_setting("eval_split")}={args["eval_split"]!r} must be a split '
-                             "name such as 'validation', or None to skip evaluation")
+      name = _setting('eval_split', args['eval_split'])
+      raise utils.InputError(f'{name}={args["eval_split"]!r} must be a split name such as '
+                             "'validation', or None to skip evaluation")
   if args['keep_period'] is not None:
-    utils.check_int(_setting('keep_period'), args['keep_period'], 1,
+    utils.check_int(_setting('keep_period', args['keep_period']), args['keep_period'], 1,
                     fix='set train_lib.train.keep_period >= 1, or None')
-  if isinstance(args['seed'], bool) or not isinstance(args['seed'], (int, np.integer)):
-    raise utils.InputError(f'{_setting("seed")}={args["seed"]!r} must be an integer: set '
-                           'train_lib.train.seed')
+  utils.check_int(_setting('seed', args['seed']), args['seed'], low=None)
   if args['peak_flops'] is not None:
-    utils.check_float(_setting('peak_flops'), args['peak_flops'], 0, include_low=False,
+    utils.check_float(_setting('peak_flops', args['peak_flops']), args['peak_flops'], 0,
+                      include_low=False,
                       fix='set train_lib.train.peak_flops to the FLOP/s of the machine, or None '
                       'to measure it')
   for flag in ('async_checkpointing', 'allow_data_changes', 'initial_checkpoint_upcycle',
                'evaluate_if_done', 'tensorboard'):
-    if not isinstance(args[flag], bool):
-      raise utils.InputError(f'{_setting(flag)}={args[flag]!r} must be True or False')
+    utils.check_bool(_setting(flag, args[flag]), args[flag])
   if args['spike_recovery'] is not None and not isinstance(args['spike_recovery'],
                                                            loop.SpikePolicy):
-    raise utils.InputError(f'{_setting("spike_recovery")}={args["spike_recovery"]!r} must be '
-                           '@loop.SpikePolicy() or None')
+    name = _setting('spike_recovery', args['spike_recovery'])
+    raise utils.InputError(f'{name}={args["spike_recovery"]!r} must be @loop.SpikePolicy() '
+                           'or None')
   for name, cls in (('model', model_lib.BaseModel), ('train_dataset', pipeline.DatasetConfig),
                     ('optimizer', optimizers.Optimizer),
                     ('partitioner', partitioner_lib.Partitioner)):
     if not isinstance(args[name], cls):
-      raise utils.InputError(f'{_setting(name)} is {type(args[name]).__name__}, not a '
+      raise utils.InputError(f'{_setting(name, args[name])} is {type(args[name]).__name__}, not a '
                              f'{cls.__name__}: bind it to a {cls.__name__} (see gin/runs/)')
 
 
 def _check_model_dir(model_dir) -> None:
   """MODEL_DIR must be a directory this process can create or write."""
-  name = _setting('model_dir')
+  name = _setting('model_dir', model_dir)
   if not isinstance(model_dir, str) or not model_dir.strip():
     raise utils.InputError(f'{name}={model_dir!r} must name a directory: set {name} to where '
                            'checkpoints and logs go')
@@ -320,10 +320,6 @@ def _check_model_dir(model_dir) -> None:
     if os.path.exists(p) and not os.access(p, os.W_OK):
       raise utils.InputError(f'{p} is not writable: fix its permissions or point {name} at a '
                              'new directory')
-  ckpt = os.path.join(path, 'checkpoints')
-  if os.path.exists(ckpt) and not os.path.isdir(ckpt):
-    raise utils.InputError(f'{ckpt} is a file, not a directory: move it away or point {name} '
-                           'at a new directory')
 
 
 def _describe_resume(resumed: checkpoints.Restored, data: pipeline.InputIterator,

@@ -4,6 +4,7 @@ import datetime
 import functools
 import math
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -37,21 +38,26 @@ class InputError(ValueError):
   """A setting out of its valid range or of the wrong type: exit code 2, one line."""
 
 
-def _binding(name: str) -> str:
-  return name if '.' in name or name.isupper() else f'train_lib.train.{name}'
-
-
-def check_int(name: str, value, low: int = 1, fix: str = '') -> None:
-  """Raises InputError unless `value` is an int (not a bool) >= low.
+def check_int(name: str, value, low: Optional[int] = 1, fix: str = '') -> None:
+  """Raises InputError unless `value` is an int (not a bool) >= low (any int
+  when low is None).
 
   Args:
-    name: the gin binding that sets it, as the user writes it.
-    fix: what to do instead (default: set the binding to a whole number >= low).
+    name: the setting, as the user writes it (a macro or a gin binding).
+    fix: what to do instead (default: set it to a whole number >= low).
   """
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-    what = {0: 'a non-negative integer', 1: 'a positive integer'}.get(low, f'an integer >= {low}')
-    raise InputError(f'{name}={value!r} must be {what}: ' +
-                     (fix or f'set {_binding(name)} to a whole number >= {low}'))
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
+      low is not None and value < low):
+    what = {None: 'an integer', 0: 'a non-negative integer', 1: 'a positive integer'}.get(
+        low, f'an integer >= {low}')
+    raise InputError(f'{name}={value!r} must be {what}: ' + (fix or (
+        f'set {name} to a whole number' + ('' if low is None else f' >= {low}'))))
+
+
+def check_bool(name: str, value) -> None:
+  """Raises InputError unless `value` is True or False."""
+  if not isinstance(value, bool):
+    raise InputError(f'{name}={value!r} must be True or False: set {name} to one of them')
 
 
 def check_float(name: str, value, low: float = 0.0, high: float = math.inf,
@@ -66,4 +72,4 @@ def check_float(name: str, value, low: float = 0.0, high: float = math.inf,
     lo, hi = '[' if include_low else '(', ']' if include_high else ')'
     upper = 'inf' if high == math.inf else f'{high:g}'
     raise InputError(f'{name}={value!r} must be a finite number in {lo}{low:g}, {upper}{hi}: ' +
-                     (fix or f'set {_binding(name)} to a value in that range'))
+                     (fix or f'set {name} to a value in that range'))

@@ -51,7 +51,7 @@ class DatasetConfig:
 
   def __post_init__(self):
     def name(field):
-      return gin_utils.setting('pipeline.DatasetConfig', field)
+      return gin_utils.setting('pipeline.DatasetConfig', field, getattr(self, field))
 
     if not isinstance(self.mixture_or_task_name, str) or not self.mixture_or_task_name:
       raise DataError(f'{name("mixture_or_task_name")}={self.mixture_or_task_name!r} must be '
@@ -65,13 +65,11 @@ class DatasetConfig:
                       fix=f'set {name("task_feature_lengths")} to positive whole lengths')
     object.__setattr__(self, 'task_feature_lengths', dict(lengths))
     utils.check_int(name('batch_size'), self.batch_size, 1)
-    if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
-      raise DataError(f'{name("seed")}={self.seed!r} must be an integer: set {name("seed")}')
+    utils.check_int(name('seed'), self.seed, low=None)
     if not isinstance(self.split, str) or not self.split:
       raise DataError(f'{name("split")}={self.split!r} must be a split name such as \'train\'')
     for flag in ('shuffle', 'pack', 'use_cached'):
-      if not isinstance(getattr(self, flag), bool):
-        raise DataError(f'{name(flag)}={getattr(self, flag)!r} must be True or False')
+      utils.check_bool(name(flag), getattr(self, flag))
 
 
 def get_mixture_or_task(name: str):

@@ -43,3 +43,20 @@ def test_adamw_decays_matrices_only_and_clips():
   updates, _ = opt.tx.update(grads, opt.tx.init(params), params)
   np.testing.assert_allclose(updates['w'], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
   np.testing.assert_allclose(updates['scale'], 0.0)
+
+
+def test_errors_name_a_macro_only_when_it_holds_the_value():
+  """After a gin run (TRAIN_STEPS = 10, WARMUP_STEPS = 2), a direct call with other
+  values is not blamed on those macros; one with their values is."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from t5x_like import gin_utils  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  gin_utils.parse(['models/llama/tiny.gin', 'runs/pretrain.gin'], [
+      "MIXTURE_OR_TASK_NAME = 'stdlib_lm'", "TASK_FEATURE_LENGTHS = {'targets': 32}",
+      'TRAIN_STEPS = 10', "MODEL_DIR = '/tmp/unused'", 'WARMUP_STEPS = 20'])
+  with pytest.raises(ValueError, match=r'^optimizers.warmup_cosine.decay_steps=5 must exceed '
+                     r'optimizers.warmup_cosine.warmup_steps=8:'):
+    optimizers.warmup_cosine(warmup_steps=8, decay_steps=5)
+  with pytest.raises(ValueError, match=r'^TRAIN_STEPS=10 must exceed WARMUP_STEPS=20:'):
+    optimizers.warmup_cosine(warmup_steps=20, decay_steps=10)
+  gin.clear_config()

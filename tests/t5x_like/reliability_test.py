@@ -70,7 +70,7 @@ def test_host_digests_equal_device_digests():
     tree[f'bf16_{n}'] = jnp.asarray(rng.randn(n), jnp.bfloat16)
   host, _ = checkpoints.state_digests(tree)
   assert checkpoints._on_host(tree)  # pylint: disable=protected-access
-  assert host == checkpoints.device_digests(tree)
+  assert host == checkpoints.state_digests(tree, on_device=True)[0]
   nan = {'x': jnp.ones(5000).at[4097].set(jnp.nan), 'h': jnp.ones(3, jnp.bfloat16).at[0].set(jnp.inf)}
   assert checkpoints.state_digests(nan)[1] == 2
 
