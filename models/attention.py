@@ -17,6 +17,7 @@ from partitioning import axes as ax
 from partitioning import partitioner
 
 Array = jax.Array
+_KV_AXES = (ax.BATCH, ax.LENGTH, ax.KV_HEADS, ax.HEAD_DIM)
 
 
 @struct.dataclass
@@ -27,11 +28,16 @@ class Context:
   segment_ids: [batch, length] packed-sequence ids (0 = padding), or None.
   prefix: [batch, length] prefix-LM flags (True: bidirectional input token), or None.
   token_ids: [batch, length] input token ids (hash-routed experts read them), or None.
+  decode: '' for a full forward; 'prefill' or 'step' while decoding against the
+    `cache` collection (static). Both write this call's keys and values into the
+    cache at slots = positions and attend over every cached slot; cross-attention
+    projects the encoder output once, at 'prefill', and reads it back at 'step'.
   """
   positions: Array
   segment_ids: Optional[Array] = None
   prefix: Optional[Array] = None
   token_ids: Optional[Array] = None
+  decode: str = struct.field(pytree_node=False, default='')
 
 
 def dot_product_attention(kernel: cfg.AttentionKernel, q: Array, k: Array, v: Array, *,
@@ -122,6 +128,7 @@ class MultiHeadAttention(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   value_init_scale: float = 1.0  # DeepNorm beta on value and out
+  cross_attention: bool = False  # keys/values from another sequence (the encoder)
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, *, q_ctx: Context,
@@ -133,13 +140,17 @@ class MultiHeadAttention(nn.Module):
                               dtype=self.dtype, param_dtype=self.param_dtype)
     q = dense((self.num_heads, self.head_dim), (ax.EMBED, ax.HEADS, ax.HEAD_DIM),
               name='query')(inputs_q)  # [batch, q_len, heads, head_dim]
-    k = dense((self.num_kv_heads, self.head_dim), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM),
-              name='key')(inputs_kv)  # [batch, kv_len, kv_heads, head_dim]
-    v = dense((self.num_kv_heads, self.head_dim), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM),
-              init_scale=self.value_init_scale, name='value')(inputs_kv)
     q = nn.with_logical_constraint(q, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))
-    k = nn.with_logical_constraint(k, (ax.BATCH, ax.LENGTH, ax.KV_HEADS, ax.HEAD_DIM))
-    v = nn.with_logical_constraint(v, (ax.BATCH, ax.LENGTH, ax.KV_HEADS, ax.HEAD_DIM))
+    if self.cross_attention and q_ctx.decode == 'step':
+      # The encoder output's keys and values were projected once, at prefill.
+      k, v = self.get_variable('cache', 'cached_key'), self.get_variable('cache', 'cached_value')
+    else:
+      k = dense((self.num_kv_heads, self.head_dim), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM),
+                name='key')(inputs_kv)  # [batch, kv_len, kv_heads, head_dim]
+      v = dense((self.num_kv_heads, self.head_dim), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM),
+                init_scale=self.value_init_scale, name='value')(inputs_kv)
+      k = nn.with_logical_constraint(k, _KV_AXES)
+      v = nn.with_logical_constraint(v, _KV_AXES)
 
     alibi = None
     match self.position_encoding:
@@ -150,6 +161,12 @@ class MultiHeadAttention(nn.Module):
         alibi = jnp.asarray(xla.alibi_slopes(self.num_heads))
       case _:
         pass  # T5 bias arrives as rel_bias; learned positions were added to the embeddings.
+    if q_ctx.decode and self.cross_attention:
+      if q_ctx.decode == 'prefill':
+        self._cache_var('cached_key', k.shape, k.dtype, _KV_AXES).value = k
+        self._cache_var('cached_value', v.shape, v.dtype, _KV_AXES).value = v
+    elif q_ctx.decode:
+      k, v, kv_ctx = self._attend_to_cache(k, v, q_ctx)
 
     dropout_rng = None
     if not self.deterministic and self.dropout_rate > 0.0:
@@ -161,3 +178,42 @@ class MultiHeadAttention(nn.Module):
     out = nn.with_logical_constraint(out, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))
     return dense((emb,), (ax.HEADS, ax.HEAD_DIM, ax.EMBED), axis=(-2, -1),
                  init_scale=self.value_init_scale, name='out')(out)
+
+  def _cache_var(self, name, shape, dtype, names):
+    # Created (zeros) by the model's init_cache at the full decode length.
+    return self.variable('cache', name, nn.with_logical_partitioning(jnp.zeros, names),
+                         shape, dtype)
+
+  def _attend_to_cache(self, k: Array, v: Array, q_ctx: Context):
+    """Writes this call's keys and values at slots = their positions; returns the
+    whole cache and the Context of its slots.
+
+    Slot i holds the token at position i, so a row's prompt fills slots
+    [0, prompt_length) and each decode step one more; rows of different prompt
+    lengths advance independently. Slots not written yet (or prompt padding)
+    have segment id 0, which no real query token attends to.
+    """
+    batch, n = k.shape[:2]
+    ck = self._cache_var('cached_key', k.shape, k.dtype, _KV_AXES)
+    cv = self._cache_var('cached_value', v.shape, v.dtype, _KV_AXES)
+    rows = (ax.BATCH, ax.LENGTH)
+    cseg = self._cache_var('cached_segment_ids', (batch, n), jnp.int32, rows)
+    cprefix = self._cache_var('cached_prefix', (batch, n), jnp.bool_, rows)
+    start = q_ctx.positions[:, 0]  # a decode call's positions are consecutive
+    write = jax.vmap(lambda c, x, s: jax.lax.dynamic_update_slice_in_dim(
+        c, x.astype(c.dtype), s, axis=0))
+    seg = q_ctx.segment_ids
+    if seg is None:
+      seg = jnp.ones(q_ctx.positions.shape, jnp.int32)
+    prefix = q_ctx.prefix
+    if prefix is None:
+      prefix = jnp.zeros(q_ctx.positions.shape, jnp.bool_)
+    ck.value = nn.with_logical_constraint(write(ck.value, k, start), _KV_AXES)
+    cv.value = nn.with_logical_constraint(write(cv.value, v, start), _KV_AXES)
+    cseg.value = write(cseg.value, seg, start)
+    cprefix.value = write(cprefix.value, prefix, start)
+    length = ck.value.shape[1]
+    kv_ctx = Context(positions=jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32),
+                                                (batch, length)),
+                     segment_ids=cseg.value, prefix=cprefix.value)
+    return ck.value, cv.value, kv_ctx

@@ -8,21 +8,51 @@ seam DPO and reward models build on).
 """
 
 import abc
-from typing import Dict, Mapping, Optional, Tuple
+import dataclasses
+import functools
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from models import config as cfg
 from models import losses
 from models import metrics as metrics_lib
 from models import moe as moe_lib
 from models import transformer
+from partitioning import axes as ax
 
 Array = jax.Array
 Batch = Mapping[str, Array]
+
+
+@struct.dataclass
+class DecodeState:
+  """What a decode step carries besides the parameters.
+
+  cache: the `cache` collection: per layer keys, values, segment ids and
+    prefix flags of every slot [batch, max_length, ...] (a leading layers axis
+    when scanned).
+  encoded, encoder_input_tokens: the encoder output [batch, inputs_length,
+    embed] and its tokens (encoder-decoder only), or None.
+  batch_axes: the batch axis of each leaf of `cache`, in leaf order (static),
+    so beam search can reorder rows.
+  """
+  cache: Any
+  encoded: Optional[Array] = None
+  encoder_input_tokens: Optional[Array] = None
+  batch_axes: Tuple[int, ...] = struct.field(pytree_node=False, default=())
+
+  def take_rows(self, rows: Array) -> 'DecodeState':
+    """The state of rows `rows` [new_batch] (beam search reorders and repeats rows)."""
+    leaves, tree = jax.tree.flatten(self.cache)
+    leaves = [jnp.take(x, rows, axis=a) for x, a in zip(leaves, self.batch_axes)]
+    take = lambda x: None if x is None else jnp.take(x, rows, axis=0)
+    return self.replace(cache=jax.tree.unflatten(tree, leaves), encoded=take(self.encoded),
+                        encoder_input_tokens=take(self.encoder_input_tokens))
 
 
 class BaseModel(abc.ABC):
@@ -41,11 +71,11 @@ class BaseModel(abc.ABC):
     self.config = config
     self.z_loss = z_loss
     self.label_smoothing = label_smoothing
-    self.module = self._make_module()  # deterministic: init, eval, scoring
+    self.module = self._make_module(config)  # deterministic: init, eval, scoring
     self._train_module = self.module.clone(deterministic=False)  # dropout on
 
   @abc.abstractmethod
-  def _make_module(self) -> nn.Module:
+  def _make_module(self, config: cfg.DecoderConfig) -> nn.Module:
     ...
 
   @abc.abstractmethod
@@ -161,6 +191,37 @@ class BaseModel(abc.ABC):
       metrics[f'loss/{name}'] = metrics_lib.Average(jnp.sum(ce * w), jnp.sum(w), console='.3f')
     return loss_sum, metrics
 
+  # --- decoding (t5x_like/decoding.py drives these) ---------------------------------
+  @functools.cached_property
+  def _decode_module(self) -> nn.Module:
+    """The module decoding runs: no dropout, no remat, the XLA attention path
+    (single-token queries against a cache), the same parameters."""
+    c = dataclasses.replace(self.config, dropout_rate=0.0, remat_policy=cfg.RematPolicy.NONE,
+                            attention_kernel=cfg.AttentionKernel.XLA)
+    return self._make_module(c)
+
+  def check_decodable(self) -> None:
+    """Fails for a model that cannot generate one token at a time."""
+    c = self.config
+    if c.num_experts and c.router == cfg.RouterKind.EXPERT_CHOICE:
+      raise cfg.ConfigError(
+          'router=expert_choice lets each expert pick tokens from the whole sequence, so a '
+          'token\'s output depends on later tokens and the model cannot decode one token '
+          'at a time: decode a token-choice or hash-routed model')
+
+  def init_cache(self, batch_size: int, max_length: int, encoder_length: int = 0):
+    """A zero cache of `max_length` slots per row, constrained to the mesh in scope.
+
+    Returns (cache, batch axis of each cache leaf in leaf order).
+    """
+    boxed = jax.eval_shape(lambda: self._init_cache_boxed(batch_size, max_length,
+                                                         encoder_length))
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+    boxes, tree = jax.tree.flatten(boxed, is_leaf=is_box)
+    leaves = [nn.with_logical_constraint(jnp.zeros(b.value.shape, b.value.dtype), b.names)
+              for b in boxes]
+    return jax.tree.unflatten(tree, leaves), tuple(b.names.index(ax.BATCH) for b in boxes)
+
   def score_batch(self, params, batch: Batch) -> Array:
     """Sum of target-token log-likelihoods per example [batch] (no z-loss, no smoothing)."""
     logits = self.apply(params, batch)
@@ -173,8 +234,60 @@ class DecoderOnlyModel(BaseModel):
   FEATURES = ('decoder_input_tokens', 'decoder_target_tokens', 'decoder_loss_weights')
   OPTIONAL_FEATURES = ('decoder_positions', 'decoder_segment_ids', 'decoder_causal_attention')
 
-  def _make_module(self):
-    return transformer.DecoderOnly(self.config)
+  def __init__(self, config: cfg.DecoderConfig, inputs_bidirectional_attention: bool = False,
+               **kwargs):
+    """inputs_bidirectional_attention: decode as a prefix-LM (the prompt attends
+    to itself bidirectionally, as `decoder_causal_attention` marks it in training)."""
+    super().__init__(config, **kwargs)
+    self.inputs_bidirectional_attention = inputs_bidirectional_attention
+
+  def _make_module(self, config):
+    return transformer.DecoderOnly(config)
+
+  def _decode_apply(self, params, cache, tokens, positions, segment_ids, prefix, mode):
+    logits, variables = self._decode_module.apply(
+        {'params': params, transformer.CACHE: cache}, tokens, decoder_positions=positions,
+        decoder_segment_ids=segment_ids, decoder_causal_attention=prefix, decode=mode,
+        mutable=[transformer.CACHE])
+    return logits, variables[transformer.CACHE]
+
+  def _init_cache_boxed(self, batch_size, max_length, encoder_length):
+    tokens = jnp.zeros((batch_size, max_length), jnp.int32)
+    return self._decode_module.init(
+        {'params': jax.random.PRNGKey(0)}, tokens, decoder_positions=tokens,
+        decoder_segment_ids=tokens, decode='prefill')[transformer.CACHE]
+
+  def prefill(self, params, batch: Batch, max_length: int):
+    """Runs the prompts through the model once, filling a cache of `max_length` slots.
+
+    Args:
+      params: the model parameters.
+      batch: `prompt_tokens` [batch, prompt_length] (right-padded; what the
+        model reads, start token included) and `prompt_lengths` [batch] (>= 1).
+      max_length: cache slots: the longest prompt plus the tokens to generate.
+
+    Returns:
+      (DecodeState, logits [batch, vocab] (f32) at each row's last prompt
+      token, positions [batch] of each row's next token).
+    """
+    tokens = jnp.asarray(batch['prompt_tokens'], jnp.int32)
+    lengths = jnp.asarray(batch['prompt_lengths'], jnp.int32)
+    b, p = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    valid = positions < lengths[:, None]
+    prefix = valid if self.inputs_bidirectional_attention else None
+    cache, batch_axes = self.init_cache(b, max_length)
+    logits, cache = self._decode_apply(params, cache, tokens, positions,
+                                       valid.astype(jnp.int32), prefix, 'prefill')
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return DecodeState(cache, batch_axes=batch_axes), last, lengths
+
+  def decode_step(self, params, state: DecodeState, tokens: Array, positions: Array):
+    """One token per row: tokens, positions [batch] -> (logits [batch, vocab], state)."""
+    ones = jnp.ones(tokens.shape + (1,), jnp.int32)
+    logits, cache = self._decode_apply(params, state.cache, tokens[:, None],
+                                       positions[:, None], ones, None, 'step')
+    return logits[:, 0], state.replace(cache=cache)
 
   def feature_shapes(self, batch_size, feature_lengths):
     length = feature_lengths['targets'] + feature_lengths.get('inputs', 0)
@@ -198,8 +311,49 @@ class EncoderDecoderModel(BaseModel):
                             '@EncoderDecoderConfig()')
     super().__init__(config, **kwargs)
 
-  def _make_module(self):
-    return transformer.EncoderDecoder(self.config)
+  def _make_module(self, config):
+    return transformer.EncoderDecoder(config)
+
+  def _init_cache_boxed(self, batch_size, max_length, encoder_length):
+    c = self.config
+    tokens = jnp.zeros((batch_size, max_length), jnp.int32)
+    enc_tokens = jnp.zeros((batch_size, encoder_length), jnp.int32)
+    encoded = jnp.zeros((batch_size, encoder_length, c.emb_dim), c.compute_dtype)
+    return self._decode_module.init(
+        {'params': jax.random.PRNGKey(0)}, encoded, enc_tokens, tokens, tokens, tokens,
+        'prefill', method='decode')[transformer.CACHE]
+
+  def _decode_apply(self, params, state, tokens, positions, segment_ids, mode):
+    logits, variables = self._decode_module.apply(
+        {'params': params, transformer.CACHE: state.cache}, state.encoded,
+        state.encoder_input_tokens, tokens, positions, segment_ids, mode, method='decode',
+        mutable=[transformer.CACHE])
+    return logits, state.replace(cache=variables[transformer.CACHE])
+
+  def prefill(self, params, batch: Batch, max_length: int):
+    """Encodes `encoder_input_tokens` [batch, inputs_length] and runs the decoder
+    prompt (`prompt_tokens`/`prompt_lengths`; default: the start token 0) into a
+    cache of `max_length` slots. Returns what `DecoderOnlyModel.prefill` does."""
+    enc_tokens = jnp.asarray(batch['encoder_input_tokens'], jnp.int32)
+    b = enc_tokens.shape[0]
+    tokens = jnp.asarray(batch.get('prompt_tokens', jnp.zeros((b, 1), jnp.int32)), jnp.int32)
+    lengths = jnp.asarray(batch.get('prompt_lengths', jnp.ones((b,), jnp.int32)), jnp.int32)
+    encoded, _ = self._decode_module.apply({'params': params}, enc_tokens, method='encode')
+    cache, batch_axes = self.init_cache(b, max_length, enc_tokens.shape[1])
+    state = DecodeState(cache, encoded, enc_tokens, batch_axes)
+    p = tokens.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    valid = (positions < lengths[:, None]).astype(jnp.int32)
+    logits, state = self._decode_apply(params, state, tokens, positions, valid, 'prefill')
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return state, last, lengths
+
+  def decode_step(self, params, state: DecodeState, tokens: Array, positions: Array):
+    """One token per row: tokens, positions [batch] -> (logits [batch, vocab], state)."""
+    ones = jnp.ones(tokens.shape + (1,), jnp.int32)
+    logits, state = self._decode_apply(params, state, tokens[:, None], positions[:, None],
+                                       ones, 'step')
+    return logits[:, 0], state
 
   def feature_shapes(self, batch_size, feature_lengths):
     shapes = {}

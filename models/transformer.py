@@ -24,6 +24,7 @@ from pallas_kernels.flash_attention import xla
 from partitioning import axes as ax
 
 Array = jax.Array
+CACHE = 'cache'  # the decoding collection: per-layer keys and values (attention.py)
 
 _REMAT_POLICIES = {
     cfg.RematPolicy.FULL: None,  # save nothing
@@ -100,7 +101,7 @@ class TransformerLayer(nn.Module):
     def cross_attend(y):
       # Positions only matter for position biases, which cross-attention lacks.
       return make_attention(position_encoding=cfg.PositionEncoding.NONE,
-                            name='cross_attention')(
+                            cross_attention=True, name='cross_attention')(
           y, encoded, q_ctx=ctx, kv_ctx=enc_ctx, causal=False)
 
     if c.parallel_block:
@@ -152,7 +153,8 @@ class Stack(nn.Module):
       else:
         unit, unit_kwargs = LayerGroup, dict(layer_cls=layer_cls, layer_kwargs=kwargs,
                                              size=interval)
-      scanned = nn.scan(unit, variable_axes={'params': 0, moe_lib.MOE_COLLECTION: 0},
+      scanned = nn.scan(unit, variable_axes={'params': 0, moe_lib.MOE_COLLECTION: 0,
+                                                 CACHE: 0},
                         split_rngs={'params': True, 'dropout': True},
                         in_axes=(nn.broadcast,) * 4, length=self.num_layers // interval,
                         metadata_params={nn.PARTITION_NAME: ax.LAYERS})
@@ -256,7 +258,8 @@ class Decoder(_StackIO):
 
 
 def _context(tokens: Array, positions: Optional[Array], segment_ids: Optional[Array],
-             prefix: Optional[Array] = None, valid: Optional[Array] = None) -> attn.Context:
+             prefix: Optional[Array] = None, valid: Optional[Array] = None,
+             decode: str = '') -> attn.Context:
   """Fills positions (arange) and segment ids (1 = token, 0 = padding) when unpacked."""
   batch, length = tokens.shape
   if positions is None:
@@ -264,7 +267,8 @@ def _context(tokens: Array, positions: Optional[Array], segment_ids: Optional[Ar
   if segment_ids is None:
     segment_ids = (valid if valid is not None else tokens > 0).astype(jnp.int32)
   return attn.Context(positions=positions, segment_ids=segment_ids,
-                      prefix=None if prefix is None else prefix.astype(bool), token_ids=tokens)
+                      prefix=None if prefix is None else prefix.astype(bool), token_ids=tokens,
+                      decode=decode)
 
 
 def _embedder(c: cfg.DecoderConfig) -> layers.Embed:
@@ -281,11 +285,16 @@ class DecoderOnly(nn.Module):
   def __call__(self, decoder_input_tokens: Array, decoder_target_tokens: Optional[Array] = None,
                decoder_positions: Optional[Array] = None,
                decoder_segment_ids: Optional[Array] = None,
-               decoder_causal_attention: Optional[Array] = None) -> Array:
-    """Returns logits [batch, length, vocab] (f32)."""
+               decoder_causal_attention: Optional[Array] = None, decode: str = '') -> Array:
+    """Returns logits [batch, length, vocab] (f32).
+
+    `decode` ('prefill' or 'step', with the `cache` collection mutable) runs
+    against the key/value cache (`Context.decode`); positions and segment ids
+    must then be given.
+    """
     valid = None if decoder_target_tokens is None else decoder_target_tokens > 0
     ctx = _context(decoder_input_tokens, decoder_positions, decoder_segment_ids,
-                   decoder_causal_attention, valid)
+                   decoder_causal_attention, valid, decode)
     return Decoder(self.config, _embedder(self.config), deterministic=self.deterministic,
                    name='decoder')(decoder_input_tokens, ctx)
 
@@ -319,4 +328,13 @@ class EncoderDecoder(nn.Module):
     encoded, enc_ctx = self.encode(encoder_input_tokens, encoder_positions, encoder_segment_ids)
     valid = None if decoder_target_tokens is None else decoder_target_tokens > 0
     ctx = _context(decoder_input_tokens, decoder_positions, decoder_segment_ids, None, valid)
+    return self.decoder(decoder_input_tokens, ctx, encoded, enc_ctx)
+
+  def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
+             decoder_positions: Array, decoder_segment_ids: Array, decode: str,
+             encoder_segment_ids: Optional[Array] = None) -> Array:
+    """The decoder alone over `encoded` ([batch, inputs_length, embed]) against
+    the `cache` collection: `decode` is 'prefill' or 'step'. -> logits (f32)."""
+    enc_ctx = _context(encoder_input_tokens, None, encoder_segment_ids)
+    ctx = _context(decoder_input_tokens, decoder_positions, decoder_segment_ids, decode=decode)
     return self.decoder(decoder_input_tokens, ctx, encoded, enc_ctx)
