@@ -9,7 +9,7 @@ setuptools.setup(
     python_requires='>=3.10',
     packages=setuptools.find_packages(include=['t5x_like*', 'models*', 'partitioning*',
                                                'pallas_kernels*']),
-    py_modules=['train'],
+    py_modules=['train', 'infer', 'eval'],
     package_data={'': ['*.gin']},
     include_package_data=True,
     # Bounds: the lower bound of each is the version the test suite ran on.
@@ -26,9 +26,11 @@ setuptools.setup(
         'gin-config>=0.5.0,<0.6',
         'sentencepiece>=0.2.0,<0.3',
         'tensorboardX>=2.6.2,<3',  # TensorBoard event files
+        'safetensors>=0.8.0,<1',  # Hugging Face weights (t5x_like/hf.py)
+        'tokenizers>=0.23.3,<1',  # Hugging Face tokenizer.json vocabularies
         'numpy>=2.0,<3',
     ],
     extras_require={
-        'test': ['pytest>=8,<10', 'pytest-xdist>=3.8,<4'],
+        'test': ['pytest>=8,<10', 'pytest-xdist>=3.8,<4', 'scipy>=1.10'],
     },
 )

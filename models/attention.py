@@ -45,7 +45,8 @@ def dot_product_attention(kernel: cfg.AttentionKernel, q: Array, k: Array, v: Ar
                           alibi_slopes: Optional[Array] = None,
                           rel_bias: Optional[xla.RelativeBias] = None,
                           dropout_rate: float = 0.0,
-                          dropout_rng: Optional[Array] = None) -> Array:
+                          dropout_rng: Optional[Array] = None,
+                          scale: Optional[float] = None) -> Array:
   """The single place an attention implementation is chosen.
 
   q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim].
@@ -53,7 +54,7 @@ def dot_product_attention(kernel: cfg.AttentionKernel, q: Array, k: Array, v: Ar
   masks = dict(q_segment_ids=q_ctx.segment_ids, kv_segment_ids=kv_ctx.segment_ids,
                q_positions=q_ctx.positions, kv_positions=kv_ctx.positions, causal=causal,
                q_prefix=q_ctx.prefix if causal else None,
-               kv_prefix=kv_ctx.prefix if causal else None)
+               kv_prefix=kv_ctx.prefix if causal else None, scale=scale)
   match kernel:
     case cfg.AttentionKernel.XLA:
       return xla.attention(q, k, v, **masks, alibi_slopes=alibi_slopes,
@@ -94,13 +95,14 @@ def _sharded_flash_attention(q, k, v, masks, alibi_slopes, rel_bias):
       P(batch_axes, None)
   args = dict(masks)
   causal = args.pop('causal')
+  scale = args.pop('scale')
   ids = {name: x for name, x in args.items() if x is not None}
   table = None if rel_bias is None else rel_bias.table
 
   def local(q, k, v, ids, slopes, table):
     rb = None if table is None else dataclasses.replace(rel_bias, table=table)
     return flash_ops.flash_attention(q, k, v, **ids, causal=causal, alibi_slopes=slopes,
-                                     rel_bias=rb)
+                                     rel_bias=rb, scale=scale)
 
   return jax.shard_map(
       local, in_specs=(qs, kvs, kvs, {name: rows for name in ids},
@@ -119,8 +121,8 @@ class MultiHeadAttention(nn.Module):
   num_kv_heads: int
   head_dim: int
   position_encoding: cfg.PositionEncoding = cfg.PositionEncoding.NONE
-  rotary_dim: int = 0
-  rope_max_wavelength: float = 10_000.0
+  rope: Optional[layers.Rope] = None  # with position_encoding ROPE
+  query_scale: Optional[float] = None  # None: 1/sqrt(head_dim)
   kernel: cfg.AttentionKernel = cfg.AttentionKernel.XLA
   use_bias: bool = False
   dropout_rate: float = 0.0
@@ -155,8 +157,8 @@ class MultiHeadAttention(nn.Module):
     alibi = None
     match self.position_encoding:
       case cfg.PositionEncoding.ROPE:
-        q = layers.apply_rope(q, q_ctx.positions, self.rotary_dim, self.rope_max_wavelength)
-        k = layers.apply_rope(k, kv_ctx.positions, self.rotary_dim, self.rope_max_wavelength)
+        q = layers.apply_rope(q, q_ctx.positions, self.rope)
+        k = layers.apply_rope(k, kv_ctx.positions, self.rope)
       case cfg.PositionEncoding.ALIBI:
         alibi = jnp.asarray(xla.alibi_slopes(self.num_heads))
       case _:
@@ -174,7 +176,7 @@ class MultiHeadAttention(nn.Module):
     out = dot_product_attention(
         self.kernel, q, k, v, q_ctx=q_ctx, kv_ctx=kv_ctx, causal=causal,
         alibi_slopes=alibi, rel_bias=rel_bias, dropout_rate=self.dropout_rate,
-        dropout_rng=dropout_rng)  # [batch, q_len, heads, head_dim]
+        dropout_rng=dropout_rng, scale=self.query_scale)  # [batch, q_len, heads, head_dim]
     out = nn.with_logical_constraint(out, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))
     return dense((emb,), (ax.HEADS, ax.HEAD_DIM, ax.EMBED), axis=(-2, -1),
                  init_scale=self.value_init_scale, name='out')(out)

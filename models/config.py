@@ -23,6 +23,15 @@ class PositionEncoding(enum.Enum):
   NONE = 'none'
 
 
+class RopeScaling(enum.Enum):
+  """How RoPE frequencies are changed to extend context (`layers.Rope`, HF `rope_scaling`)."""
+  NONE = 'none'
+  LINEAR = 'linear'  # position interpolation
+  DYNAMIC = 'dynamic'  # dynamic NTK
+  YARN = 'yarn'  # YaRN, with its attention temperature
+  LLAMA3 = 'llama3'  # Llama 3.1's frequency bands
+
+
 class NormType(enum.Enum):
   RMS = 'rms'
   LAYER = 'layer'
@@ -91,18 +100,31 @@ class DecoderConfig:
   num_layers: int = 6
   mlp: MlpKind = MlpKind.SWIGLU
   use_bias: bool = False
+  attention_bias: Optional[bool] = None  # biases of q/k/v/out; None: use_bias (LLaMA's attention_bias)
   norm: NormType = NormType.RMS
   norm_position: NormPosition = NormPosition.PRE
   norm_epsilon: float = 1e-6
   embed_norm: bool = False  # BLOOM's LayerNorm after the embedding
   parallel_block: bool = False  # PaLM: x + attn(norm(x)) + mlp(norm(x))
+  parallel_mlp_norm: bool = False  # GPT-NeoX: the parallel MLP reads its own norm of x
   position_encoding: PositionEncoding = PositionEncoding.ROPE
   rotary_fraction: float = 1.0  # GPT-NeoX: 0.25
-  rope_max_wavelength: float = 10_000.0
+  rope_max_wavelength: float = 10_000.0  # the RoPE base (HF rope_theta)
+  rope_scaling: RopeScaling = RopeScaling.NONE  # context extension (layers.Rope)
+  rope_scaling_factor: float = 1.0
+  rope_original_max_length: Optional[int] = None  # the trained context (dynamic, yarn, llama3)
+  rope_low_freq_factor: float = 1.0  # llama3
+  rope_high_freq_factor: float = 4.0  # llama3
+  rope_yarn_beta_fast: float = 32.0
+  rope_yarn_beta_slow: float = 1.0
+  rope_yarn_attention_factor: Optional[float] = None  # None: 0.1 ln(factor) + 1
+  query_scale: Optional[float] = None  # softmax scale of q.k; None: 1/sqrt(head_dim); T5: 1.0
   max_length: Optional[int] = None  # longest sequence supported; required for LEARNED
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
   tie_embeddings: bool = True
+  scale_tied_logits: bool = True  # tied logits / sqrt(emb_dim) (T5 v1.0); False: BLOOM, GPT-2
+  gelu_approximate: bool = True  # GELU/GeGLU as tanh (HF gelu_new); False: exact erf (HF gelu)
   dropout_rate: float = 0.0
   dtype: str = 'float32'  # compute dtype; parameters stay in param_dtype
   param_dtype: str = 'float32'
@@ -132,7 +154,8 @@ class DecoderConfig:
                        ('position_encoding', PositionEncoding),
                        ('remat_policy', RematPolicy),
                        ('attention_kernel', AttentionKernel),
-                       ('router', RouterKind), ('moe_impl', MoeImpl)):
+                       ('router', RouterKind), ('moe_impl', MoeImpl),
+                       ('rope_scaling', RopeScaling)):
       object.__setattr__(self, field, _coerce(cls, getattr(self, field), f'{name}.{field}'))
     if self.num_kv_heads is None:
       object.__setattr__(self, 'num_kv_heads', self.num_heads)
@@ -149,6 +172,12 @@ class DecoderConfig:
     if (self.position_encoding == PositionEncoding.ROPE and self.rotary_dim % 2):
       raise ConfigError(f'{name}: rotary dims head_dim*rotary_fraction='
                         f'{self.rotary_dim} must be even: change rotary_fraction')
+    self._check_rope(name)
+    if self.query_scale is not None and not self.query_scale > 0:
+      raise ConfigError(f'{name}.query_scale={self.query_scale} must be > 0, or None for '
+                        '1/sqrt(head_dim)')
+    if self.parallel_mlp_norm and not self.parallel_block:
+      raise ConfigError(f'{name}.parallel_mlp_norm=True needs parallel_block=True')
     if self.position_encoding == PositionEncoding.LEARNED and not self.max_length:
       raise ConfigError(f'{name}.position_encoding=learned needs max_length: set '
                         f'{name}.max_length to the longest sequence')
@@ -165,6 +194,26 @@ class DecoderConfig:
       except TypeError:
         raise ConfigError(f'{name}.{field}={getattr(self, field)!r} is not a dtype: '
                           "use 'float32' or 'bfloat16'") from None
+
+  def _check_rope(self, name: str) -> None:
+    if self.rope_scaling == RopeScaling.NONE:
+      return
+    if self.position_encoding != PositionEncoding.ROPE:
+      raise ConfigError(f'{name}.rope_scaling={self.rope_scaling.value!r} needs '
+                        "position_encoding='rope'")
+    if not self.rope_scaling_factor >= 1.0:
+      raise ConfigError(f'{name}.rope_scaling_factor={self.rope_scaling_factor} must be >= 1 '
+                        '(the context extension, e.g. 4.0)')
+    needs_original = self.rope_scaling in (RopeScaling.DYNAMIC, RopeScaling.YARN,
+                                           RopeScaling.LLAMA3)
+    if needs_original and not (self.rope_original_max_length or 0) > 0:
+      raise ConfigError(f'{name}.rope_scaling={self.rope_scaling.value!r} needs '
+                        f'rope_original_max_length: set it to the context the model was trained '
+                        'with')
+    if (self.rope_scaling == RopeScaling.LLAMA3 and
+        not self.rope_high_freq_factor > self.rope_low_freq_factor > 0):
+      raise ConfigError(f'{name}: rope_high_freq_factor={self.rope_high_freq_factor} must '
+                        f'exceed rope_low_freq_factor={self.rope_low_freq_factor} > 0')
 
   def _check_moe(self, name: str) -> None:
     if self.num_experts < 0:

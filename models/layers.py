@@ -5,13 +5,15 @@ layers; `query/key/value/out` in attention; `wi`, `wi_0/wi_1`, `wo` in MLPs;
 `embedding`; `scale`/`bias` in norms; `rel_embedding` for T5 buckets.
 """
 
+import dataclasses
 import functools
 import math
-from typing import Any, Callable, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from models import config as cfg
 from partitioning import axes as ax
@@ -150,9 +152,91 @@ def make_norm(config: cfg.DecoderConfig, name: str) -> nn.Module:
                        param_dtype=config.params_dtype, name=name)
 
 
-def apply_rope(x: Array, positions: Array, rotary_dim: int,
+@dataclasses.dataclass(frozen=True)
+class Rope:
+  """Rotary position embedding on the first `dim` dims of each head, with an
+  optional context-extension rule (Hugging Face's `rope_scaling`).
+
+  scaling:
+    'none'     frequencies base^(-2i/dim).
+    'linear'   position interpolation (Chen et al., 2023): frequencies / factor.
+    'dynamic'  dynamic NTK: when a call's longest position exceeds
+               `original_max_length`, the base grows to
+               base * (factor * length / original - (factor - 1)) ** (dim / (dim - 2)).
+    'yarn'     YaRN (Peng et al., 2023): interpolation for low frequencies,
+               extrapolation for high ones, blended between `beta_slow` and
+               `beta_fast` rotations over `original_max_length`; the rotated dims
+               are scaled by `attention_factor` (default 0.1 ln(factor) + 1), the
+               attention temperature.
+    'llama3'   Llama 3.1: wavelengths above original / low_freq_factor are
+               divided by factor, those below original / high_freq_factor kept,
+               and the band between blended.
+  """
+  dim: int
+  base: float = 10_000.0
+  scaling: str = 'none'
+  factor: float = 1.0
+  original_max_length: Optional[int] = None
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  attention_factor: Optional[float] = None
+
+  def inv_freq(self) -> np.ndarray:
+    """The frequencies [dim // 2] (f32) of every rule but 'dynamic' (which depends on length)."""
+    half = self.dim // 2
+    inv = 1.0 / (self.base ** (np.arange(0, self.dim, 2, dtype=np.float32) / self.dim))
+    inv = inv.astype(np.float32)
+    if self.scaling == 'linear':
+      return (inv / self.factor).astype(np.float32)
+    if self.scaling == 'yarn':
+      def correction_dim(rotations):
+        return (self.dim * math.log(self.original_max_length / (rotations * 2 * math.pi)) /
+                (2 * math.log(self.base)))
+      low = max(math.floor(correction_dim(self.beta_fast)), 0)
+      high = min(math.ceil(correction_dim(self.beta_slow)), self.dim - 1)
+      if low == high:
+        high += 0.001
+      ramp = np.clip((np.arange(half, dtype=np.float32) - low) / (high - low), 0, 1)
+      extrapolation = 1 - ramp
+      return (inv / self.factor * (1 - extrapolation) + inv * extrapolation).astype(np.float32)
+    if self.scaling == 'llama3':
+      old = self.original_max_length
+      low_wavelen, high_wavelen = old / self.low_freq_factor, old / self.high_freq_factor
+      wavelen = 2 * math.pi / inv
+      scaled = np.where(wavelen > low_wavelen, inv / self.factor, inv)
+      smooth = (old / wavelen - self.low_freq_factor) / (self.high_freq_factor -
+                                                         self.low_freq_factor)
+      smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+      medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+      return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+  @property
+  def output_scale(self) -> float:
+    """What the rotated dims are multiplied by (YaRN's attention factor; else 1)."""
+    if self.scaling != 'yarn':
+      return 1.0
+    if self.attention_factor is not None:
+      return float(self.attention_factor)
+    return 0.1 * math.log(self.factor) + 1.0 if self.factor > 1 else 1.0
+
+  def frequencies(self, positions: Array) -> Array:
+    """[half] or, for 'dynamic', the frequencies for the longest of `positions`."""
+    if self.scaling != 'dynamic':
+      return jnp.asarray(self.inv_freq())
+    length = jnp.max(positions).astype(jnp.float32) + 1.0
+    original = float(self.original_max_length)
+    grown = self.base * ((self.factor * length / original) - (self.factor - 1)) ** (
+        self.dim / (self.dim - 2))
+    base = jnp.where(length > original, grown, self.base)
+    return 1.0 / (base ** (jnp.arange(0, self.dim, 2, dtype=jnp.float32) / self.dim))
+
+
+def apply_rope(x: Array, positions: Array, rope: Union[int, Rope],
                max_wavelength: float = 10_000.0) -> Array:
-  """Rotary embedding on the first `rotary_dim` dims of each head.
+  """Rotary embedding on the first `rope.dim` dims of each head.
 
   GPT-NeoX/LLaMA layout: the rotated dims are split in halves (x1, x2) and
   rotated as (x1 cos - x2 sin, x2 cos + x1 sin); the rest pass through.
@@ -160,18 +244,34 @@ def apply_rope(x: Array, positions: Array, rotary_dim: int,
   Args:
     x: [batch, length, heads, head_dim].
     positions: [batch, length] integer positions.
-    rotary_dim: even number of leading dims rotated.
-    max_wavelength: the base of the frequencies.
+    rope: a `Rope`, or the number of rotated dims (even) with base `max_wavelength`.
+    max_wavelength: the base of the frequencies when `rope` is an int.
   """
+  if not isinstance(rope, Rope):
+    rope = Rope(int(rope), max_wavelength)
+  rotary_dim = rope.dim
   half = rotary_dim // 2
-  freq = max_wavelength ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [half]
+  freq = rope.frequencies(positions)  # [half]
   angle = positions.astype(jnp.float32)[:, :, None] * freq  # [batch, length, half]
   sin = jnp.sin(angle)[:, :, None, :]
   cos = jnp.cos(angle)[:, :, None, :]
+  if rope.output_scale != 1.0:
+    sin, cos = sin * rope.output_scale, cos * rope.output_scale
   x32 = x.astype(jnp.float32)
   x1, x2, rest = x32[..., :half], x32[..., half:rotary_dim], x32[..., rotary_dim:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
   return out.astype(x.dtype)
+
+
+def activation(kind: cfg.MlpKind, gelu_approximate: bool = True) -> Callable[[Array], Array]:
+  """The nonlinearity of an MLP kind (the activated branch of a gated one).
+
+  GELU is the tanh approximation (HF 'gelu_new', 'gelu_pytorch_tanh') unless
+  `gelu_approximate` is False: the exact erf form (HF 'gelu').
+  """
+  gelu = functools.partial(jax.nn.gelu, approximate=gelu_approximate)
+  return {cfg.MlpKind.RELU: jax.nn.relu, cfg.MlpKind.GELU: gelu,
+          cfg.MlpKind.SWIGLU: jax.nn.silu, cfg.MlpKind.GEGLU: gelu}[kind]
 
 
 class MlpBlock(nn.Module):
@@ -188,14 +288,14 @@ class MlpBlock(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   init_scale: float = 1.0  # DeepNorm beta on both projections
+  gelu_approximate: bool = True  # tanh GELU; False: exact (erf)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     emb = x.shape[-1]
     dense = functools.partial(DenseGeneral, use_bias=self.use_bias, dtype=self.dtype,
                               param_dtype=self.param_dtype, init_scale=self.init_scale)
-    act = {cfg.MlpKind.RELU: jax.nn.relu, cfg.MlpKind.GELU: jax.nn.gelu,
-           cfg.MlpKind.SWIGLU: jax.nn.silu, cfg.MlpKind.GEGLU: jax.nn.gelu}[self.kind]
+    act = activation(self.kind, self.gelu_approximate)
     if self.kind.gated:
       h = act(dense((self.mlp_dim,), (ax.EMBED, ax.MLP), name='wi_0')(x))
       h = h * dense((self.mlp_dim,), (ax.EMBED, ax.MLP), name='wi_1')(x)

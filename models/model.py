@@ -63,12 +63,19 @@ class BaseModel(abc.ABC):
   OPTIONAL_FEATURES: Tuple[str, ...] = ()
 
   def __init__(self, config: cfg.DecoderConfig, z_loss: float = 1e-4,
-               label_smoothing: float = 0.0):
+               label_smoothing: float = 0.0, decoder_start_token: Optional[int] = 0):
+    """decoder_start_token: what the decoder reads before the first token (seqio's
+    converters shift targets right with 0); None: the prompt's own first token
+    (e.g. a BOS the tokenizer adds, as Hugging Face decoders expect)."""
     if z_loss < 0:
       raise cfg.ConfigError(f'z_loss={z_loss} must be >= 0')
     if not 0.0 <= label_smoothing < 1.0:
       raise cfg.ConfigError(f'label_smoothing={label_smoothing} must be in [0, 1)')
+    if decoder_start_token is not None and not 0 <= decoder_start_token < config.vocab_size:
+      raise cfg.ConfigError(f'decoder_start_token={decoder_start_token} must be a token id '
+                            f'in [0, {config.vocab_size}) or None')
     self.config = config
+    self.decoder_start_token = decoder_start_token
     self.z_loss = z_loss
     self.label_smoothing = label_smoothing
     self.module = self._make_module(config)  # deterministic: init, eval, scoring
@@ -222,11 +229,18 @@ class BaseModel(abc.ABC):
               for b in boxes]
     return jax.tree.unflatten(tree, leaves), tuple(b.names.index(ax.BATCH) for b in boxes)
 
-  def score_batch(self, params, batch: Batch) -> Array:
-    """Sum of target-token log-likelihoods per example [batch] (no z-loss, no smoothing)."""
+  def token_log_likelihoods(self, params, batch: Batch) -> Array:
+    """log p(target token) at every position [batch, length] (f32; no z-loss, no
+    smoothing), 0 where `decoder_loss_weights` is 0."""
     logits = self.apply(params, batch)
-    logp, _ = losses.cross_entropy_with_logits(logits, batch['decoder_target_tokens'])
-    return -jnp.sum(logp * batch['decoder_loss_weights'], axis=-1)
+    loss, _ = losses.cross_entropy_with_logits(logits, batch['decoder_target_tokens'])
+    return jnp.where(batch['decoder_loss_weights'] > 0, -loss, 0.0)
+
+  def score_batch(self, params, batch: Batch) -> Array:
+    """Sum of target-token log-likelihoods per example [batch], weighted by
+    `decoder_loss_weights` (no z-loss, no smoothing)."""
+    logp = self.token_log_likelihoods(params, batch)
+    return jnp.sum(logp * batch['decoder_loss_weights'].astype(jnp.float32), axis=-1)
 
 
 class DecoderOnlyModel(BaseModel):
@@ -305,6 +319,9 @@ class EncoderDecoderModel(BaseModel):
                        'decoder_segment_ids')
 
   def __init__(self, config: cfg.EncoderDecoderConfig, **kwargs):
+    if kwargs.get('decoder_start_token', 0) is None:
+      raise cfg.ConfigError('EncoderDecoderModel.decoder_start_token must be a token id (T5: '
+                            '0), not None')
     if not isinstance(config, cfg.EncoderDecoderConfig):
       raise cfg.ConfigError('EncoderDecoderModel needs an EncoderDecoderConfig, got '
                             f'{type(config).__name__}: bind EncoderDecoderModel.config = '
@@ -332,11 +349,12 @@ class EncoderDecoderModel(BaseModel):
 
   def prefill(self, params, batch: Batch, max_length: int):
     """Encodes `encoder_input_tokens` [batch, inputs_length] and runs the decoder
-    prompt (`prompt_tokens`/`prompt_lengths`; default: the start token 0) into a
+    prompt (`prompt_tokens`/`prompt_lengths`; default: `decoder_start_token`) into a
     cache of `max_length` slots. Returns what `DecoderOnlyModel.prefill` does."""
     enc_tokens = jnp.asarray(batch['encoder_input_tokens'], jnp.int32)
     b = enc_tokens.shape[0]
-    tokens = jnp.asarray(batch.get('prompt_tokens', jnp.zeros((b, 1), jnp.int32)), jnp.int32)
+    start = jnp.full((b, 1), self.decoder_start_token, jnp.int32)
+    tokens = jnp.asarray(batch.get('prompt_tokens', start), jnp.int32)
     lengths = jnp.asarray(batch.get('prompt_lengths', jnp.ones((b,), jnp.int32)), jnp.int32)
     encoded, _ = self._decode_module.apply({'params': params}, enc_tokens, method='encode')
     cache, batch_axes = self.init_cache(b, max_length, enc_tokens.shape[1])

@@ -44,8 +44,7 @@ from partitioning import partitioner
 Array = jax.Array
 
 MOE_COLLECTION = 'moe'
-_ACTIVATIONS = {cfg.MlpKind.RELU: jax.nn.relu, cfg.MlpKind.GELU: jax.nn.gelu,
-                cfg.MlpKind.SWIGLU: jax.nn.silu, cfg.MlpKind.GEGLU: jax.nn.gelu}
+_ACTIVATIONS = {kind: layers.activation(kind) for kind in cfg.MlpKind}
 
 
 def expert_capacity(length: int, k: int, num_experts: int, capacity_factor: float) -> int:
@@ -121,6 +120,7 @@ class MoeBlock(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   init_scale: float = 1.0
+  gelu_approximate: bool = True  # tanh GELU; False: exact (erf)
 
   def _expert_weights(self, emb: int):
     def init(key, shape, dtype):
@@ -157,7 +157,7 @@ class MoeBlock(nn.Module):
     batch, length, emb = x.shape
     e, k = self.num_experts, self.num_selected
     wi, wo = self._expert_weights(emb)
-    act = _ACTIVATIONS[self.kind]
+    act = layers.activation(self.kind, self.gelu_approximate)
     x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.EMBED))
 
     if self.router == cfg.RouterKind.HASH:
@@ -195,7 +195,8 @@ class MoeBlock(nn.Module):
       out = out + layers.MlpBlock(
           self.mlp_dim * self.num_shared_experts, self.kind, use_bias=self.use_bias,
           deterministic=self.deterministic, dtype=self.dtype, param_dtype=self.param_dtype,
-          init_scale=self.init_scale, name='shared_mlp')(x)
+          init_scale=self.init_scale, gelu_approximate=self.gelu_approximate,
+          name='shared_mlp')(x)
     return nn.with_logical_constraint(out.astype(self.dtype), (ax.BATCH, ax.LENGTH, ax.EMBED))
 
   # --- execution ------------------------------------------------------------------------

@@ -26,7 +26,7 @@ def _norm(c: cfg.DecoderConfig) -> int:
 def _attention(c: cfg.DecoderConfig) -> int:
   d, h, kv, hd = c.emb_dim, c.num_heads, c.num_kv_heads, c.head_dim
   n = d * h * hd + 2 * d * kv * hd + h * hd * d
-  if c.use_bias:
+  if c.use_bias if c.attention_bias is None else c.attention_bias:
     n += h * hd + 2 * kv * hd + d
   return n
 
@@ -57,7 +57,7 @@ def _moe(c: cfg.DecoderConfig) -> int:
 
 
 def _layer(c: cfg.DecoderConfig, cross: bool, moe: bool = False) -> int:
-  norms = (1 if c.parallel_block else 2) + (1 if cross else 0)
+  norms = (1 if c.parallel_block and not c.parallel_mlp_norm else 2) + (1 if cross else 0)
   return (_attention(c) * (2 if cross else 1) + (_moe(c) if moe else _mlp(c)) +
           norms * _norm(c))
 

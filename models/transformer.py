@@ -44,6 +44,16 @@ def deepnorm_constants(num_encoder_layers: int, num_decoder_layers: int,
   return (3 * m) ** 0.25, (12 * m) ** -0.25
 
 
+def rope(c: cfg.DecoderConfig) -> Optional[layers.Rope]:
+  """The rotary embedding a config describes (None without RoPE)."""
+  if c.position_encoding != cfg.PositionEncoding.ROPE:
+    return None
+  return layers.Rope(
+      c.rotary_dim, c.rope_max_wavelength, c.rope_scaling.value, c.rope_scaling_factor,
+      c.rope_original_max_length, c.rope_low_freq_factor, c.rope_high_freq_factor,
+      c.rope_yarn_beta_fast, c.rope_yarn_beta_slow, c.rope_yarn_attention_factor)
+
+
 class TransformerLayer(nn.Module):
   """One encoder or decoder layer.
 
@@ -73,8 +83,10 @@ class TransformerLayer(nn.Module):
                                   bidirectional=not self.causal)
     make_attention = functools.partial(
         attn.MultiHeadAttention, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
-        head_dim=c.head_dim, rotary_dim=c.rotary_dim, rope_max_wavelength=c.rope_max_wavelength,
-        kernel=c.attention_kernel, use_bias=c.use_bias, dropout_rate=c.dropout_rate,
+        head_dim=c.head_dim, rope=rope(c), query_scale=c.query_scale,
+        kernel=c.attention_kernel,
+        use_bias=c.use_bias if c.attention_bias is None else c.attention_bias,
+        dropout_rate=c.dropout_rate,
         deterministic=self.deterministic, dtype=c.compute_dtype, param_dtype=c.params_dtype,
         value_init_scale=beta)
     self_attention = make_attention(position_encoding=c.position_encoding, name='self_attention')
@@ -84,13 +96,15 @@ class TransformerLayer(nn.Module):
           router=c.router, impl=c.moe_impl, capacity_factor=c.capacity_factor,
           renormalize=c.renormalize_gates, router_jitter=c.router_jitter,
           num_shared_experts=c.num_shared_experts, use_bias=c.use_bias,
+          gelu_approximate=c.gelu_approximate,
           deterministic=self.deterministic, dtype=c.compute_dtype, param_dtype=c.params_dtype,
           init_scale=beta, name='moe')
       mlp = lambda y: moe_block(y, ctx.token_ids)
     else:
       mlp = layers.MlpBlock(c.mlp_dim, c.mlp, use_bias=c.use_bias, dropout_rate=c.dropout_rate,
                             deterministic=self.deterministic, dtype=c.compute_dtype,
-                            param_dtype=c.params_dtype, init_scale=beta, name='mlp')
+                            param_dtype=c.params_dtype, init_scale=beta,
+                            gelu_approximate=c.gelu_approximate, name='mlp')
     drop = lambda y: nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))(
         y, deterministic=self.deterministic)
     x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.EMBED))
@@ -106,7 +120,8 @@ class TransformerLayer(nn.Module):
 
     if c.parallel_block:
       y = layers.make_norm(c, 'pre_norm')(x)
-      x = x + drop(self_attend(y)) + drop(mlp(y))
+      y_mlp = layers.make_norm(c, 'pre_mlp_norm')(x) if c.parallel_mlp_norm else y
+      x = x + drop(self_attend(y)) + drop(mlp(y_mlp))
       if self.cross_attention:
         x = x + drop(cross_attend(layers.make_norm(c, 'pre_cross_attention_norm')(x)))
     elif c.norm_position == cfg.NormPosition.PRE:
@@ -248,8 +263,10 @@ class Decoder(_StackIO):
               name='stack')(x, ctx, self.rel_table(), encoded, enc_ctx)
     x = self.final_norm(x, 'decoder_norm')
     if c.tie_embeddings:
-      # Tied logits are scaled by 1/sqrt(embed) since embeddings are init'd N(0, 1).
-      logits = self.embedder.attend(x) / jnp.sqrt(jnp.asarray(c.emb_dim, c.compute_dtype))
+      logits = self.embedder.attend(x)
+      if c.scale_tied_logits:
+        # Scaled by 1/sqrt(embed) since embeddings are init'd N(0, 1) (as T5 v1.0).
+        logits = logits / jnp.sqrt(jnp.asarray(c.emb_dim, c.compute_dtype))
     else:
       logits = layers.DenseGeneral((c.vocab_size,), (ax.EMBED, ax.VOCAB), dtype=c.compute_dtype,
                                    param_dtype=c.params_dtype, name='logits_dense')(x)

@@ -134,18 +134,19 @@ class Partitioner:
           f'{ep}: set the last entry of MESH_SHAPE (data, fsdp, tensor, expert) to a '
           'divisor of num_experts')
 
-  def check_batch_size(self, global_batch_size: int) -> None:
-    """Fails early when the batch does not divide over the mesh and hosts."""
+  def check_batch_size(self, global_batch_size: int, setting: str = 'train.batch_size') -> None:
+    """Fails early when the batch does not divide over the mesh and hosts
+    (`setting`: what the user sets the batch size by)."""
     dp = self.data_parallel_size
     if global_batch_size % dp:
       raise BatchError(
           f'batch size {global_batch_size} is not divisible by the data-parallel '
           f'size {dp} (mesh {dict(self.mesh.shape)}): change '
-          'train.batch_size to a multiple of data*fsdp*expert, or change the mesh shape')
+          f'{setting} to a multiple of data*fsdp*expert, or change the mesh shape')
     if global_batch_size % jax.process_count():
       raise BatchError(
           f'batch size {global_batch_size} is not divisible by the '
-          f'{jax.process_count()} processes: change train.batch_size')
+          f'{jax.process_count()} processes: change {setting}')
 
   def host_slice(self, global_batch_size: int) -> slice:
     """The rows of the global batch that this process feeds."""

@@ -142,7 +142,7 @@ def _flat_shapes(tree) -> Dict[str, Tuple[tuple, Optional[str]]]:
           jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def resolve(path: str) -> Tuple[str, int]:
+def resolve(path: str, setting: str = 'train.initial_checkpoint') -> Tuple[str, int]:
   """(checkpoints directory, step) for a MODEL_DIR (its newest checkpoint), its
   checkpoints/ folder, or one checkpoints/<step> folder; read-only.
 
@@ -163,11 +163,11 @@ def resolve(path: str) -> Tuple[str, int]:
       return directory, max(steps)
     if step is not None and step in steps:
       return directory, step
-  raise CheckpointError(f'no checkpoint found at {path}: set train.initial_checkpoint to a '
+  raise CheckpointError(f'no checkpoint found at {path}: set {setting} to a '
                         'MODEL_DIR with checkpoints (or one of its checkpoints/<step> folders)')
 
 
-def saved_params(directory: str, step: int) -> Any:
+def saved_params(directory: str, step: int, setting: str = 'train.initial_checkpoint') -> Any:
   """The parameter shapes and dtypes (a tree of ShapeDtypeStruct) saved at `step`, read-only.
 
   Raises:
@@ -181,7 +181,7 @@ def saved_params(directory: str, step: int) -> Any:
     params = None
   if params is None:
     raise CheckpointError(f'checkpoint step {step} in {directory} has no params: point '
-                          'train.initial_checkpoint at a t5x_like MODEL_DIR')
+                          f'{setting} at a t5x_like MODEL_DIR')
   return _abstract(params)
 
 
@@ -218,15 +218,16 @@ class InitialCheckpoint(abc.ABC):
       checkpoints/<step> folder.
   """
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, setting: str = 'train.initial_checkpoint'):
     self.path = path
+    self.setting = setting  # what the user sets `path` by, for error messages
     self.directory: Optional[str] = None
     self.step: Optional[int] = None
 
   def check(self, abstract_params: Any) -> None:
     """Raises CheckpointError (one line) unless `restore` can fill `abstract_params`."""
-    self.directory, self.step = resolve(self.path)
-    self._check(saved_params(self.directory, self.step), abstract_params)
+    self.directory, self.step = resolve(self.path, self.setting)
+    self._check(saved_params(self.directory, self.step, self.setting), abstract_params)
 
   @abc.abstractmethod
   def _check(self, saved: Any, abstract_params: Any) -> None:
@@ -246,7 +247,7 @@ class ParamsCheckpoint(InitialCheckpoint):
   """The parameters of a run of the same model, copied as they are."""
 
   def _check(self, saved, abstract_params):
-    fix = ('use the same model config as the run that wrote it (initial_checkpoint loads '
+    fix = (f'use the same model config as the run that wrote it ({self.setting} loads '
            'params only)')
     _compare(_flat_shapes(saved), _flat_shapes(abstract_params), self.step, self.directory, fix)
 

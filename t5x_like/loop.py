@@ -181,7 +181,8 @@ class MetricsWriter:
   'eval', TensorBoard scalars.
   """
 
-  def __init__(self, model_dir: str, enabled: bool, tensorboard: bool = True):
+  def __init__(self, model_dir: str, enabled: bool, tensorboard: bool = True,
+               kinds: Sequence[str] = ('train', 'eval')):
     self.enabled = enabled
     self._tb = {}
     self._jsonl = None
@@ -190,7 +191,7 @@ class MetricsWriter:
       if tensorboard:
         import tensorboardX  # pylint: disable=g-import-not-at-top
         self._tb = {k: tensorboardX.SummaryWriter(os.path.join(model_dir, k))
-                    for k in ('train', 'eval')}
+                    for k in kinds}
 
   def write(self, kind: str, step: int, values: Dict[str, Any]) -> None:
     if not self.enabled:

@@ -12,15 +12,12 @@ if __name__ == '__main__':  # `python -m t5x_like.train`: honour SIGTERM before 
   from t5x_like import signals as _early_signals  # pylint: disable=g-import-not-at-top
   _early_signals.install()
 
-import argparse
 import dataclasses
 import logging
 import os
-import sys
 import time
 from typing import Any, Dict, Optional, Sequence, Union
 
-import gin
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -28,33 +25,28 @@ import numpy as np
 from models import config as model_config
 from models import model as model_lib
 from models import param_count
-from partitioning import mesh as mesh_lib
 from partitioning import partitioner as partitioner_lib
 from t5x_like import checkpoints
+from t5x_like import cli
+from t5x_like import decoding
 from t5x_like import gin_utils
+from t5x_like import infer as infer_lib
 from t5x_like import loop
 from t5x_like import optimizers
 from t5x_like import signals
 from t5x_like import trainer as trainer_lib
 from t5x_like import upcycle
 from t5x_like import utils
+from t5x_like import vocabularies
 from t5x_like.data import denoisers
-from t5x_like.data import mixtures
 from t5x_like.data import pipeline
-from t5x_like.data import preprocessors
-from t5x_like.data import selection
-from t5x_like.data import sources
 
 logger = logging.getLogger('t5x_like')
 
 
 TrainingError = loop.TrainingError  # training cannot continue (exit code 1)
 
-# Errors that mean "the inputs are wrong": reported as one line, exit code 2.
-INPUT_ERRORS = (utils.InputError, gin_utils.GinError, model_config.ConfigError, mesh_lib.MeshError,
-                partitioner_lib.BatchError, pipeline.DataError, checkpoints.CheckpointError,
-                preprocessors.ObjectiveError, mixtures.MixtureError, sources.SourceError,
-                selection.SelectionError)
+INPUT_ERRORS = cli.INPUT_ERRORS  # one line on stderr, exit code 2
 
 
 def train(*,
@@ -78,6 +70,9 @@ def train(*,
           initial_checkpoint: Union[str, checkpoints.InitialCheckpoint, None] = None,
           initial_checkpoint_upcycle: bool = False,
           spike_recovery: Optional[loop.SpikePolicy] = None,
+          samples: int = 0,
+          sample_prompt_length: int = 32,
+          sample_decoding: Optional[decoding.DecodingConfig] = None,
           evaluate_if_done: bool = False,
           peak_flops: Optional[float] = None,
           tensorboard: bool = True,
@@ -112,6 +107,12 @@ def train(*,
       corresponding MoE layer (sparse upcycling, `t5x_like/upcycle.py`).
     spike_recovery: roll back past loss spikes (`loop.SpikePolicy`); None: a
       non-finite loss or state stops the run.
+    samples: at the end, print this many sampled continuations of the
+      validation split's prompts (its sequences cut after `sample_prompt_length`
+      tokens; `t5x_like/infer.py` does the same from the command line).
+    sample_prompt_length: prompt tokens of each sample.
+    sample_decoding: how samples are decoded (default: temperature 0.7, top-p
+      0.95, 64 new tokens).
     evaluate_if_done: when MODEL_DIR already holds step `train_steps`,
       evaluate it (otherwise the run says so and returns).
     peak_flops: the MFU denominator; measured (f32/bf16 matmul) when None.
@@ -250,7 +251,30 @@ def train(*,
     result['first_eval'] = evaluation.first
   if evaluation is not None and last.finished and not last.stopped:
     result['eval'] = evaluation.last
+  if samples and eval_split and last.finished and not last.stopped:
+    result['samples'] = _print_samples(model, last.state.params, partitioner, train_dataset,
+                                       eval_split, samples, sample_prompt_length,
+                                       sample_decoding)
   return result
+
+
+def _print_samples(model, params, partitioner, dataset, split, n, prompt_length, config):
+  """Sampled continuations of `n` validation prompts, printed and returned."""
+  config = config or decoding.DecodingConfig(temperature=0.7, top_p=0.95, max_decode_length=64)
+  name = dataset.mixture_or_task_name
+  vocabulary = vocabularies.task_vocabulary(name)
+  examples = infer_lib.task_examples(name, split, vocabulary, dataset.task_feature_lengths,
+                                     prompt_length, n)
+  out = infer_lib.generate_tokens(model, params, partitioner, examples,
+                                  infer_lib.call_batch_size(partitioner, len(examples)), config)
+  samples = []
+  loop.chief_print(f'samples ({split} prompts of {prompt_length} tokens, temperature '
+                   f'{config.temperature}, top-p {config.top_p}):')
+  for e, (ids, _) in zip(examples, out):
+    prompt, continuation = vocabulary.decode(e.input_ids), vocabulary.decode(ids)
+    samples.append({'prompt': prompt, 'continuation': continuation})
+    loop.chief_print(f'  {prompt!r} -> {continuation!r}')
+  return samples
 
 
 def _setting(param: str, value) -> str:
@@ -261,7 +285,8 @@ def _setting(param: str, value) -> str:
 def _check_settings(args: Dict[str, Any]) -> None:
   """Types and ranges of train()'s own settings, each named as the user sets it."""
   for param, low in (('train_steps', 1), ('num_microbatches', 1), ('log_every', 1),
-                     ('eval_every', 0), ('checkpoint_every', 1), ('keep_checkpoints', 1)):
+                     ('eval_every', 0), ('checkpoint_every', 1), ('keep_checkpoints', 1),
+                     ('samples', 0), ('sample_prompt_length', 1)):
     utils.check_int(_setting(param, args[param]), args[param], low)
   if args['eval_split'] is not None:
     utils.check_int(_setting('eval_steps', args['eval_steps']), args['eval_steps'], 1,
@@ -288,6 +313,11 @@ def _check_settings(args: Dict[str, Any]) -> None:
     name = _setting('spike_recovery', args['spike_recovery'])
     raise utils.InputError(f'{name}={args["spike_recovery"]!r} must be @loop.SpikePolicy() '
                            'or None')
+  if args['sample_decoding'] is not None and not isinstance(args['sample_decoding'],
+                                                            decoding.DecodingConfig):
+    name = _setting('sample_decoding', args['sample_decoding'])
+    raise utils.InputError(f'{name}={args["sample_decoding"]!r} must be '
+                           '@decoding.DecodingConfig() or None')
   for name, cls in (('model', model_lib.BaseModel), ('train_dataset', pipeline.DatasetConfig),
                     ('optimizer', optimizers.Optimizer),
                     ('partitioner', partitioner_lib.Partitioner)):
@@ -360,34 +390,6 @@ def _initial_checkpoint(initial_checkpoint, upcycle_flag: bool, model
   return checkpoints.ParamsCheckpoint(initial_checkpoint)
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-  """Flag errors as one line (exit code 2 through console_main), not usage text."""
-
-  def error(self, message):
-    raise utils.InputError(f'{message}: see python -m train --help')
-
-
-def _parse_args(argv: Sequence[str]):
-  parser = _ArgumentParser(
-      prog='python -m train',
-      description='Train a model from gin files; --gin.KEY=value overrides a binding.')
-  parser.add_argument('--gin_file', action='append', default=[],
-                      help='gin file (repeatable); shipped files by path relative to gin/')
-  parser.add_argument('--gin_search_path', action='append', default=[])
-  parser.add_argument('--coordinator_address', default=None,
-                      help='host:port of process 0 (multi-host; see jax.distributed.initialize)')
-  parser.add_argument('--num_processes', type=int, default=None)
-  parser.add_argument('--process_id', type=int, default=None)
-  parser.add_argument('--cpu_collectives', default='gloo',
-                      help='CPU collectives for multi-process CPU runs')
-  known, rest = parser.parse_known_args(argv)
-  gin_flags = [a for a in rest if a.startswith('--gin.')]
-  unknown = [a for a in rest if not a.startswith('--gin.')]
-  if unknown:
-    parser.error(f'unrecognised arguments: {" ".join(unknown)}')
-  return known, gin_flags
-
-
 def run(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> Dict[str, Any]:
   """Parses gin files and bindings afresh and calls train(): the Python/Colab entry.
 
@@ -395,54 +397,28 @@ def run(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> Dict[str, Any
     gin_files: paths, or names relative to the shipped gin/ folder.
     bindings: gin binding strings, e.g. "TRAIN_STEPS = 100".
   """
-  if not gin_files:
-    raise gin_utils.GinError('no --gin_file given: e.g. --gin_file=gin/runs/pretrain_default.gin')
-  gin.clear_config()
-  gin_utils.parse(gin_files, bindings)
-  try:
-    return gin.get_configurable(train)(config_str=gin.config_str())
-  except INPUT_ERRORS:
-    raise
-  except (ValueError, TypeError) as e:
-    if 'gin' in str(e) or 'configurable' in str(e):
-      raise gin_utils.GinError(gin_utils.explain(e, gin_files, bindings)) from None
-    raise
+  return cli.run_gin(train, gin_files, bindings, 'gin/runs/pretrain_default.gin')
 
 
 def main(argv: Sequence[str]) -> Dict[str, Any]:
   """Parses flags, joins the job (multi-host) and runs the gin-configured train()."""
-  args, gin_flags = _parse_args(argv)
-  if args.coordinator_address or args.num_processes:
-    # Only affects CPU devices; lets CPU processes run cross-process collectives.
-    jax.config.update('jax_cpu_collectives_implementation', args.cpu_collectives)
-    # Without this, initialize() starts XLA's preemption notifier, whose C-level
-    # SIGTERM handler replaces ours (signal.getsignal still names ours): a SIGTERM
-    # would then only be logged by XLA ("SIGTERM caught at ...") and the run would
-    # go on. The loop's all-gathered stop flag does the notifier's job.
-    jax.config.update('jax_enable_preemption_service', False)
-    jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                               num_processes=args.num_processes, process_id=args.process_id)
-    signals.install()  # in case something else took SIGTERM during initialize
-  for p in args.gin_search_path:
-    gin.add_config_file_search_path(p)
-  return run(args.gin_file, gin_utils.split_argv(gin_flags))
+  args, bindings = cli.parse_args(
+      'python -m train', 'Train a model from gin files; --gin.KEY=value overrides a binding.',
+      argv)
+  cli.join_job(args)
+  return run(args.gin_file, bindings)
 
 
-def console_main(argv: Optional[Sequence[str]] = None) -> None:
-  logging.basicConfig(level=logging.WARNING)
-  try:
-    result = main(sys.argv[1:] if argv is None else argv)
-  except INPUT_ERRORS as e:
-    print(f'error: {str(e).strip().splitlines()[0]}', file=sys.stderr)
-    sys.exit(2)
-  except utils.TrainingError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+def _report(result: Dict[str, Any]) -> None:
   if result.get('eval'):
     first = result.get('first_eval', {}).get('loss')
     drop = f' (from {first:.4f} at step 0, {100 * (1 - result["eval"]["loss"] / first):.1f}% lower)' if first else ''
     loop.chief_print(f'done: step {result["step"]}, validation loss {result["eval"]["loss"]:.4f}{drop}, '
            f'accuracy {result["eval"]["accuracy"]:.4f}, perplexity {result["eval"]["perplexity"]:.2f}')
+
+
+def console_main(argv: Optional[Sequence[str]] = None) -> None:
+  cli.console(main, argv, _report)
 
 
 if __name__ == '__main__':

@@ -73,6 +73,15 @@ def first_token_groups(batch: Mapping[str, Array], groups: Mapping[str, int]) ->
   return out
 
 
+def eval_metrics(model: model_lib.BaseModel, params, batch: Mapping[str, Array],
+                 token_groups: Optional[Mapping[str, Array]] = None) -> metrics_lib.Metrics:
+  """The model's metrics on one batch, `loss` being the cross-entropy alone
+  (z-loss and router losses are regularisers, not part of the likelihood)."""
+  _, metrics = model.loss_fn(params, batch, None, token_groups)
+  metrics['loss'] = metrics['cross_entropy'].replace(console=metrics['loss'].console)
+  return metrics
+
+
 class Trainer:
   """Owns the model, optimizer and partitioner; compiles train and eval steps.
 
@@ -219,9 +228,7 @@ class Trainer:
     The reported `loss` is the cross-entropy alone: z-loss and router losses
     are regularisers, not part of the likelihood.
     """
-    _, metrics = self.model.loss_fn(params, batch, None, self._token_groups(batch))
-    metrics['loss'] = metrics['cross_entropy'].replace(console=metrics['loss'].console)
-    return metrics
+    return eval_metrics(self.model, params, batch, self._token_groups(batch))
 
   def evaluate(self, params, batches) -> metrics_lib.Metrics:
     """`eval_step` merged over host-local batches (numpy), still on device."""

@@ -109,8 +109,10 @@ def test_imports_flow_one_way():
 
 
 def _entry_points():
-  """Non-test roots: the train shim, scripts, and modules gin files import."""
-  roots = set(_imports(os.path.join(ROOT, 'train.py'), 'train'))
+  """Non-test roots: the entry shims, scripts, and modules gin files import."""
+  roots = set()
+  for shim in ('train', 'infer', 'eval'):
+    roots |= _imports(os.path.join(ROOT, f'{shim}.py'), shim)
   for f in sorted(os.listdir(os.path.join(ROOT, 'scripts'))):
     if f.endswith('.py'):
       roots |= _imports(os.path.join(ROOT, 'scripts', f), f'scripts.{f[:-3]}')

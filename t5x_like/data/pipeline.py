@@ -118,8 +118,13 @@ def validate(config: DatasetConfig, model: model_lib.BaseModel) -> None:
 
 
 def build_dataset(config: DatasetConfig, model: model_lib.BaseModel,
-                  num_epochs: Optional[int] = None) -> tf.data.Dataset:
-  """Global batches of model features (numpy-convertible), repeated forever by default."""
+                  num_epochs: Optional[int] = None, drop_remainder: bool = True
+                  ) -> tf.data.Dataset:
+  """Global batches of model features (numpy-convertible), repeated forever by default.
+
+  With `drop_remainder=False` (evaluation of a finite split) the last batch may
+  be short; `InputIterator` pads it.
+  """
   converter = feature_converter(model, config.task_feature_lengths, config.pack)
   # Not seqio.get_dataset: it caches small sources in memory after their
   # document shuffle, which would freeze the document order across epochs.
@@ -128,7 +133,7 @@ def build_dataset(config: DatasetConfig, model: model_lib.BaseModel,
       use_cached=config.use_cached, shuffle=config.shuffle, num_epochs=num_epochs,
       seed=config.seed, trim_output_features=True, try_in_mem_cache=False)
   ds = converter(ds, config.task_feature_lengths)
-  return ds.batch(config.batch_size, drop_remainder=True)
+  return ds.batch(config.batch_size, drop_remainder=drop_remainder)
 
 
 def batch_shapes(config: DatasetConfig, model: model_lib.BaseModel) -> Dict[str, tuple]:
@@ -164,8 +169,12 @@ class InputIterator:
   """
 
   def __init__(self, config: DatasetConfig, model: model_lib.BaseModel,
-               row_slice: slice = slice(None), num_epochs: Optional[int] = None):
+               row_slice: slice = slice(None), num_epochs: Optional[int] = None,
+               pad_last: bool = False):
+    """pad_last: keep a finite split's last, short batch, padded with all-zero
+    rows (loss weight 0: they change no metric sum), instead of dropping it."""
     self.config = config
+    self.pad_last = pad_last
     self.model = model
     self.row_slice = row_slice
     self.num_epochs = num_epochs
@@ -176,7 +185,8 @@ class InputIterator:
 
   def _iterator(self) -> Iterator:
     if self._it is None:
-      ds = build_dataset(self.config, self.model, self.num_epochs)
+      ds = build_dataset(self.config, self.model, self.num_epochs,
+                         drop_remainder=not self.pad_last)
       if self.batches_consumed:
         ds = ds.skip(self.batches_consumed)
       self._it = ds.prefetch(2).as_numpy_iterator()
@@ -187,6 +197,10 @@ class InputIterator:
 
   def __next__(self) -> Dict[str, np.ndarray]:
     batch = next(self._iterator())
+    short = self.config.batch_size - next(iter(batch.values())).shape[0]
+    if short:
+      batch = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)])
+               for k, v in batch.items()}
     self.batches_consumed += 1
     self.last_batch_hash = batch_hash(batch)
     return {k: v[self.row_slice] for k, v in batch.items()}

@@ -56,13 +56,20 @@ def test_run_files_parse_with_a_model(run):
   gin.clear_config()
   with open(run) as f:
     text = f.read()
-  # Required by the continued-training runs only (binding a macro no file uses is an error).
-  extra = [b for b in ("INITIAL_CHECKPOINT = '/tmp/unused'", "DOMAIN_TASK = 'stdlib_prose_lm'",
-                       "REPLAY_TASK = 'stdlib_code_lm'") if b.split()[0] in text]
-  gin_utils.parse(['models/llama/tiny.gin', run], [
-      "MIXTURE_OR_TASK_NAME = 'stdlib_lm'", "TASK_FEATURE_LENGTHS = {'targets': 32}",
-      'TRAIN_STEPS = 10', "MODEL_DIR = '/tmp/unused'", *extra])
-  assert gin.query_parameter('%TRAIN_STEPS') == 10
+  # Each run file's required inputs (binding a macro no file uses is an error).
+  if 'infer_lib' in text or 'eval_lib' in text:  # read a checkpoint
+    bindings = ["CHECKPOINT_PATH = '/tmp/unused'"]
+    bindings += ["OUTPUT_FILE = '/tmp/unused.jsonl'"] if 'OUTPUT_FILE' in text else [
+        "MIXTURE_OR_TASK_NAME = 'stdlib_lm'", "TASK_FEATURE_LENGTHS = {'targets': 32}"]
+  else:
+    bindings = ["MIXTURE_OR_TASK_NAME = 'stdlib_lm'", "TASK_FEATURE_LENGTHS = {'targets': 32}",
+                'TRAIN_STEPS = 10', "MODEL_DIR = '/tmp/unused'"]
+    bindings += [b for b in ("INITIAL_CHECKPOINT = '/tmp/unused'",
+                             "DOMAIN_TASK = 'stdlib_prose_lm'", "REPLAY_TASK = 'stdlib_code_lm'")
+                 if b.split()[0] in text]
+  gin_utils.parse(['models/llama/tiny.gin', run], bindings)
+  macro, value = bindings[0].split(' = ')
+  assert repr(gin.query_parameter('%' + macro)) == value
 
 
 def _write(tmp_path, text):

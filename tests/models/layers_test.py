@@ -49,6 +49,45 @@ def test_rope_scores_depend_on_offset_only():
   np.testing.assert_allclose(score(3, 1), score(12, 10), rtol=1e-4)
 
 
+def test_rope_scaling_rules():
+  """Linear divides every frequency; llama3 keeps short wavelengths and divides long
+  ones; yarn scales the rotated dims by its attention factor; dynamic changes only
+  beyond the original length."""
+  base = layers.Rope(16, 10_000.0).inv_freq()
+  np.testing.assert_allclose(layers.Rope(16, scaling='linear', factor=4.0).inv_freq(),
+                             base / 4, rtol=1e-6)
+  l3 = layers.Rope(16, scaling='llama3', factor=8.0, original_max_length=64).inv_freq()
+  wavelen = 2 * np.pi / base
+  short, long = wavelen < 64 / 4.0, wavelen > 64 / 1.0
+  np.testing.assert_allclose(l3[short], base[short], rtol=1e-6)
+  np.testing.assert_allclose(l3[long], base[long] / 8, rtol=1e-6)
+  assert ((l3 <= base + 1e-9) & (l3 >= base / 8 - 1e-9)).all()
+  yarn = layers.Rope(16, scaling='yarn', factor=4.0, original_max_length=64)
+  assert np.isclose(yarn.output_scale, 0.1 * np.log(4.0) + 1)
+  x = np.random.RandomState(0).randn(1, 3, 1, 16).astype(np.float32)
+  pos = jnp.array([[0, 0, 0]])  # at position 0 the rotation is the identity
+  np.testing.assert_allclose(layers.apply_rope(x, pos, yarn), x * yarn.output_scale,
+                             rtol=1e-6)
+  dyn = layers.Rope(16, scaling='dynamic', factor=2.0, original_max_length=8)
+  short_pos, long_pos = jnp.arange(8)[None], jnp.arange(20)[None]
+  np.testing.assert_allclose(dyn.frequencies(short_pos), base, rtol=1e-6)
+  grown = 10_000.0 * (2.0 * 20 / 8 - 1) ** (16 / 14)
+  np.testing.assert_allclose(dyn.frequencies(long_pos),
+                             grown ** (-np.arange(0, 16, 2) / 16), rtol=1e-5)
+
+
+def test_exact_and_tanh_gelu():
+  from scipy import special  # pylint: disable=g-import-not-at-top
+  x = np.linspace(-4, 4, 101).astype(np.float32)
+  exact = layers.activation(cfg.MlpKind.GELU, gelu_approximate=False)(x)
+  np.testing.assert_allclose(exact, 0.5 * x * (1 + special.erf(x / np.sqrt(2))), rtol=1e-5,
+                             atol=1e-6)
+  tanh = layers.activation(cfg.MlpKind.GELU)(x)
+  np.testing.assert_allclose(tanh, 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (
+      x + 0.044715 * x ** 3))), rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(exact) - np.asarray(tanh)).max() > 1e-4
+
+
 def test_norms_match_formula():
   x = np.random.RandomState(0).randn(2, 3, 8).astype(np.float32)
   rms = layers.RMSNorm(epsilon=1e-6)

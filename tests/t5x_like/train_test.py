@@ -156,3 +156,20 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
                     partitioner=part, model_dir=model_dir, train_steps=3, checkpoint_every=1,
                     eval_split=None, peak_flops=1e11)
   assert checkpoints.latest_step(model_dir) is None
+
+
+def test_extend_context_continues_at_four_times_the_length(full_run, tmp_path):
+  """runs/extend_context.gin: the 32-token run continues at 128 tokens with RoPE
+  position interpolation (same parameters, new positions)."""
+  model_dir, trained = full_run
+  result = train_lib.run(['models/llama/tiny.gin', 'runs/extend_context.gin'], [
+      f"INITIAL_CHECKPOINT = '{model_dir}'", 'ORIGINAL_LENGTH = 32', 'CONTEXT_FACTOR = 4.0',
+      "TASK_FEATURE_LENGTHS = {'targets': 128}", 'TRAIN_STEPS = 2', 'BATCH_SIZE = 8',
+      f"MODEL_DIR = '{tmp_path / 'long'}'", 'train_lib.train.eval_steps = 1',
+      'train_lib.train.peak_flops = 1e11'])
+  # it starts from the trained parameters, not from scratch
+  assert result['step'] == 2
+  assert result['first_eval']['loss'] < trained['first_eval']['loss']
+  with open(tmp_path / 'long' / 'config.gin') as f:
+    text = f.read()
+  assert "rope_scaling = 'linear'" in text and 'rope_scaling_factor = 4.0' in text
