@@ -18,6 +18,7 @@ from partitioning import partitioner
 
 Array = jax.Array
 _KV_AXES = (ax.BATCH, ax.LENGTH, ax.KV_HEADS, ax.HEAD_DIM)
+_CACHE_AXES = (ax.BATCH, ax.KV_HEADS, ax.LENGTH, ax.HEAD_DIM)
 
 
 @struct.dataclass
@@ -169,6 +170,7 @@ class MultiHeadAttention(nn.Module):
         self._cache_var('cached_value', v.shape, v.dtype, _KV_AXES).value = v
     elif q_ctx.decode:
       k, v, kv_ctx = self._attend_to_cache(k, v, q_ctx)
+      q_ctx = q_ctx.replace(segment_ids=None)  # causality alone masks the cache (see there)
 
     dropout_rng = None
     if not self.deterministic and self.dropout_rate > 0.0:
@@ -191,31 +193,28 @@ class MultiHeadAttention(nn.Module):
     whole cache and the Context of its slots.
 
     Slot i holds the token at position i, so a row's prompt fills slots
-    [0, prompt_length) and each decode step one more; rows of different prompt
-    lengths advance independently. Slots not written yet (or prompt padding)
-    have segment id 0, which no real query token attends to.
+    [0, prompt_length) at prefill (positions from 0) and each step one more;
+    rows of different prompt lengths advance independently. No segment ids are
+    needed: a query at position p sees slots <= p only (causal), and a row's
+    slots up to p hold its prompt and the tokens decoded since (a shorter
+    prompt's padding slots are overwritten before any query reaches them). At
+    prefill the prompt's prefix-LM flags mark its slots bidirectional.
     """
     batch, n = k.shape[:2]
-    ck = self._cache_var('cached_key', k.shape, k.dtype, _KV_AXES)
-    cv = self._cache_var('cached_value', v.shape, v.dtype, _KV_AXES)
-    rows = (ax.BATCH, ax.LENGTH)
-    cseg = self._cache_var('cached_segment_ids', (batch, n), jnp.int32, rows)
-    cprefix = self._cache_var('cached_prefix', (batch, n), jnp.bool_, rows)
+    # Stored heads-major, [batch, kv_heads, length, head_dim]: the layout the
+    # attention matmuls read, so no step transposes the whole cache.
+    shape = (batch, k.shape[2], n, k.shape[3])
+    ck = self._cache_var('cached_key', shape, k.dtype, _CACHE_AXES)
+    cv = self._cache_var('cached_value', shape, v.dtype, _CACHE_AXES)
+    length = ck.value.shape[2]
     start = q_ctx.positions[:, 0]  # a decode call's positions are consecutive
     write = jax.vmap(lambda c, x, s: jax.lax.dynamic_update_slice_in_dim(
-        c, x.astype(c.dtype), s, axis=0))
-    seg = q_ctx.segment_ids
-    if seg is None:
-      seg = jnp.ones(q_ctx.positions.shape, jnp.int32)
-    prefix = q_ctx.prefix
-    if prefix is None:
-      prefix = jnp.zeros(q_ctx.positions.shape, jnp.bool_)
-    ck.value = nn.with_logical_constraint(write(ck.value, k, start), _KV_AXES)
-    cv.value = nn.with_logical_constraint(write(cv.value, v, start), _KV_AXES)
-    cseg.value = write(cseg.value, seg, start)
-    cprefix.value = write(cprefix.value, prefix, start)
-    length = ck.value.shape[1]
+        c, jnp.swapaxes(x, 0, 1).astype(c.dtype), s, axis=1))
+    ck.value = nn.with_logical_constraint(write(ck.value, k, start), _CACHE_AXES)
+    cv.value = nn.with_logical_constraint(write(cv.value, v, start), _CACHE_AXES)
+    prefix = None
+    if q_ctx.prefix is not None:  # prefill of a prefix LM (its positions start at 0)
+      prefix = jnp.pad(q_ctx.prefix, ((0, 0), (0, length - n)))
     kv_ctx = Context(positions=jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32),
-                                                (batch, length)),
-                     segment_ids=cseg.value, prefix=cprefix.value)
-    return ck.value, cv.value, kv_ctx
+                                                (batch, length)), prefix=prefix)
+    return jnp.swapaxes(ck.value, 1, 2), jnp.swapaxes(cv.value, 1, 2), kv_ctx

@@ -202,10 +202,39 @@ class BaseModel(abc.ABC):
   @functools.cached_property
   def _decode_module(self) -> nn.Module:
     """The module decoding runs: no dropout, no remat, the XLA attention path
-    (single-token queries against a cache), the same parameters."""
+    (single-token queries against a cache), layers unrolled (each layer's cache
+    is then its own buffer, updated in place; a scanned stack would restack the
+    whole cache every step), the same parameters (`decode_params`)."""
     c = dataclasses.replace(self.config, dropout_rate=0.0, remat_policy=cfg.RematPolicy.NONE,
-                            attention_kernel=cfg.AttentionKernel.XLA)
+                            attention_kernel=cfg.AttentionKernel.XLA, scan_layers=False)
     return self._make_module(c)
+
+  def decode_params(self, params):
+    """Scanned parameters as the unrolled decode module names them (slices, under
+    jit); unrolled ones are returned as they are. `decoding.generate` converts
+    once, outside its loop, so the steps do not slice the stacked weights again."""
+    if not self.config.scan_layers:
+      return params
+    interval = self.config.moe_layer_interval if self.config.num_experts else 1
+
+    def unstack(tree):
+      if not isinstance(tree, Mapping):
+        return tree
+      out = {}
+      for k, v in tree.items():
+        if k != 'layers':
+          out[k] = unstack(v)
+          continue
+        n = jax.tree.leaves(v)[0].shape[0]
+        for i in range(n):
+          layer = jax.tree.map(lambda x, i=i: x[i], v)
+          if interval == 1:
+            out[f'layers_{i}'] = layer
+          else:
+            for j in range(interval):
+              out[f'layers_{i * interval + j}'] = layer[f'sublayer_{j}']
+      return out
+    return unstack(params)
 
   def check_decodable(self) -> None:
     """Fails for a model that cannot generate one token at a time."""
@@ -260,7 +289,8 @@ class DecoderOnlyModel(BaseModel):
 
   def _decode_apply(self, params, cache, tokens, positions, segment_ids, prefix, mode):
     logits, variables = self._decode_module.apply(
-        {'params': params, transformer.CACHE: cache}, tokens, decoder_positions=positions,
+        {'params': self.decode_params(params), transformer.CACHE: cache}, tokens,
+        decoder_positions=positions,
         decoder_segment_ids=segment_ids, decoder_causal_attention=prefix, decode=mode,
         mutable=[transformer.CACHE])
     return logits, variables[transformer.CACHE]
@@ -342,7 +372,7 @@ class EncoderDecoderModel(BaseModel):
 
   def _decode_apply(self, params, state, tokens, positions, segment_ids, mode):
     logits, variables = self._decode_module.apply(
-        {'params': params, transformer.CACHE: state.cache}, state.encoded,
+        {'params': self.decode_params(params), transformer.CACHE: state.cache}, state.encoded,
         state.encoder_input_tokens, tokens, positions, segment_ids, mode, method='decode',
         mutable=[transformer.CACHE])
     return logits, state.replace(cache=variables[transformer.CACHE])
@@ -356,7 +386,8 @@ class EncoderDecoderModel(BaseModel):
     start = jnp.full((b, 1), self.decoder_start_token, jnp.int32)
     tokens = jnp.asarray(batch.get('prompt_tokens', start), jnp.int32)
     lengths = jnp.asarray(batch.get('prompt_lengths', jnp.ones((b,), jnp.int32)), jnp.int32)
-    encoded, _ = self._decode_module.apply({'params': params}, enc_tokens, method='encode')
+    encoded, _ = self._decode_module.apply({'params': self.decode_params(params)}, enc_tokens,
+                                           method='encode')
     cache, batch_axes = self.init_cache(b, max_length, enc_tokens.shape[1])
     state = DecodeState(cache, encoded, enc_tokens, batch_axes)
     p = tokens.shape[1]

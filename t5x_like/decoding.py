@@ -119,6 +119,7 @@ def generate(model: model_lib.BaseModel, params, batch: Mapping[str, Array],
   n = int(config.max_decode_length)
   prompt_length = batch['prompt_tokens'].shape[1] if 'prompt_tokens' in batch else 1
   check_lengths(model, prompt_length, n)
+  params = model.decode_params(params)  # once, not in every step of the loop
   state, logits, positions = model.prefill(params, batch, prompt_length + n)
   step = lambda s, tokens, pos: model.decode_step(params, s, tokens, pos)
   if config.method == 'beam':

@@ -634,8 +634,12 @@ def import_checkpoint(hf_dir: str, model_dir: str,
     layers = by_param[path]
     if None in layers:
       value = converted(*layers[None], path, want)
-    else:
-      value = np.stack([converted(*layers[i], path, want) for i in range(len(layers))])
+    else:  # a scanned parameter: filled one layer at a time
+      first = converted(*layers[0], path, want)
+      value = np.empty((len(layers),) + first.shape, np.float32)
+      value[0] = first
+      for i in range(1, len(layers)):
+        value[i] = converted(*layers[i], path, want)
     if tuple(value.shape) != tuple(want.shape):
       rule, _ = next(iter(layers.values()))
       raise HfError(f'HF tensor {rule.theirs[0]!r} gives our {path!r} the shape '
@@ -695,17 +699,52 @@ def hf_config(kind: str, model: model_lib.BaseModel) -> Dict[str, Any]:
   fam = family_of_our(kind, c)
   check = family_of({**fam, 'model_type': kind})
   want = build_model(check).config
-  diffs = [f.name for f in dataclasses.fields(c)
-           if f.name not in ('scan_layers', 'remat_policy', 'dtype', 'param_dtype',
-                             'attention_kernel', 'dropout_rate', 'moe_impl', 'max_length',
-                             'load_balance_loss_weight', 'router_z_loss_weight',
-                             'capacity_factor')
-           and getattr(c, f.name) != getattr(want, f.name)]
+  ours, theirs = _effective(c), _effective(want)
+  diffs = [k for k in ours if ours[k] != theirs.get(k)]
   if diffs:
     raise HfError(f'the model cannot be written as HF {kind}: {diffs[0]}='
-                  f'{getattr(c, diffs[0])!r} has no {kind} equivalent (it would be '
-                  f'{getattr(want, diffs[0])!r})')
+                  f'{ours[diffs[0]]!r} has no {kind} equivalent (it would be '
+                  f'{theirs[diffs[0]]!r})')
   return fam
+
+
+# Fields that do not change what a model computes from given weights.
+_NOT_ARCHITECTURE = ('scan_layers', 'remat_policy', 'dtype', 'param_dtype', 'attention_kernel',
+                     'dropout_rate', 'moe_impl', 'max_length', 'load_balance_loss_weight',
+                     'router_z_loss_weight', 'capacity_factor', 'router_jitter')
+
+
+def _effective(c) -> Dict[str, Any]:
+  """A config's architecture, defaults resolved and unused fields dropped, so two
+  configs that compute the same function compare equal."""
+  out = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)
+         if f.name not in _NOT_ARCHITECTURE}
+  if out['attention_bias'] is None:
+    out['attention_bias'] = c.use_bias
+  if not c.tie_embeddings:
+    out.pop('scale_tied_logits')
+  if c.position_encoding != cfg.PositionEncoding.ROPE:
+    for k in [k for k in out if k.startswith('rope_') or k == 'rotary_fraction']:
+      out.pop(k)
+  elif c.rope_scaling == cfg.RopeScaling.NONE:
+    for k in [k for k in out if k.startswith('rope_') and k != 'rope_max_wavelength']:
+      out.pop(k)
+  if c.position_encoding != cfg.PositionEncoding.T5_BIAS:
+    out.pop('relative_attention_num_buckets')
+    out.pop('relative_attention_max_distance')
+  if c.mlp not in (cfg.MlpKind.GELU, cfg.MlpKind.GEGLU):
+    out.pop('gelu_approximate')
+  if not c.parallel_block:
+    out.pop('parallel_mlp_norm')
+  if not c.num_experts:
+    for k in ('num_experts_per_token', 'moe_layer_interval', 'moe_mlp_dim', 'router',
+              'renormalize_gates', 'num_shared_experts'):
+      out.pop(k)
+  elif out['moe_mlp_dim'] is None:
+    out['moe_mlp_dim'] = c.mlp_dim
+  if out.get('query_scale') == 1.0 / math.sqrt(c.head_dim):
+    out['query_scale'] = None
+  return out
 
 
 def family_of_our(kind: str, c) -> Dict[str, Any]:

@@ -125,6 +125,13 @@ def test_sentencepiece_vocabulary_trained_on_the_corpus(tmp_path):
   assert batch['encoder_input_tokens'].max() < vocab.vocab_size
   with pytest.raises(FileNotFoundError, match='train_sentencepiece.py'):
     tasks.sentencepiece_mixture(str(tmp_path / 'missing.model'))
+  # the same .model as inference's vocabulary (runs/infer.gin's VOCABULARY)
+  from t5x_like import vocabularies  # pylint: disable=g-import-not-at-top
+  infer_vocab = vocabularies.model_vocabulary('sentencepiece', path, extra_ids=tasks.EXTRA_IDS)
+  assert list(infer_vocab.encode(text)) == list(vocab.encode(text))
+  assert infer_vocab.decode(infer_vocab.encode(text)) == text
+  with pytest.raises(Exception, match='does not exist'):
+    vocabularies.model_vocabulary('sentencepiece', str(tmp_path / 'missing.model'))
 
 
 def _data_package_imports():

@@ -138,8 +138,9 @@ def test_cache_holds_only_kv_heads():
   cache, axes = model.init_cache(3, 16)
   shapes = {k: v.shape for k, v in jax.tree_util.tree_flatten_with_path(cache)[0]}
   key = [s for p, s in shapes.items() if 'cached_key' in jax.tree_util.keystr(p)]
-  assert key == [(2, 3, 16, 2, 16)]  # [layers, batch, length, kv_heads=2 (not 4), head_dim]
-  assert set(axes) == {1}
+  # one buffer per layer: [batch, kv_heads=2 (not 4), length, head_dim]
+  assert key == [(3, 2, 16, 16)] * 2
+  assert set(axes) == {0}
 
 
 @pytest.fixture(scope='module')
@@ -293,9 +294,9 @@ def test_sharded_decoding_equals_one_device(family, mesh):
   key = [x for p, x in jax.tree_util.tree_flatten_with_path(cache)[0]
          if 'self_attention' in jax.tree_util.keystr(p) and 'cached_key' in
          jax.tree_util.keystr(p)][0]
-  # [layers, batch, length, kv_heads, head_dim]: batch over (data, fsdp), kv heads over
+  # [batch, kv_heads, length, head_dim]: batch over (data, fsdp), kv heads over
   # tensor where they divide (llama_gqa's 2 K/V heads do not divide over 4)
-  kv_split = mesh[2] if key.shape[3] % mesh[2] == 0 else 1
+  kv_split = mesh[2] if key.shape[1] % mesh[2] == 0 else 1
   assert key.addressable_shards[0].data.size * mesh[0] * mesh[1] * kv_split == key.size
 
 
