@@ -113,6 +113,7 @@ def full_logits(model, params, batch, continuation):
   return np.stack([logits[r, length - 1:length - 1 + n] for r, length in enumerate(LENGTHS)])
 
 
+@pytest.mark.rotate(2)
 @pytest.mark.parametrize('scan', [True, False], ids=['scan', 'unrolled'])
 @pytest.mark.parametrize('family', sorted(FAMILIES))
 def test_incremental_decoding_equals_full_forward(family, scan):

@@ -165,6 +165,7 @@ def test_extend_context_continues_at_four_times_the_length(full_run, tmp_path):
   result = train_lib.run(['models/llama/tiny.gin', 'runs/extend_context.gin'], [
       f"INITIAL_CHECKPOINT = '{model_dir}'", 'ORIGINAL_LENGTH = 32', 'CONTEXT_FACTOR = 4.0',
       "TASK_FEATURE_LENGTHS = {'targets': 128}", 'TRAIN_STEPS = 2', 'BATCH_SIZE = 8',
+      'WARMUP_STEPS = 1',
       f"MODEL_DIR = '{tmp_path / 'long'}'", 'train_lib.train.eval_steps = 1',
       'train_lib.train.peak_flops = 1e11'])
   # it starts from the trained parameters, not from scratch
@@ -172,4 +173,5 @@ def test_extend_context_continues_at_four_times_the_length(full_run, tmp_path):
   assert result['first_eval']['loss'] < trained['first_eval']['loss']
   with open(tmp_path / 'long' / 'config.gin') as f:
     text = f.read()
-  assert "rope_scaling = 'linear'" in text and 'rope_scaling_factor = 4.0' in text
+  assert "rope_scaling = 'linear'" in text and 'CONTEXT_FACTOR = 4.0' in text
+  assert 'rope_scaling_factor = %CONTEXT_FACTOR' in text
