@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from models import config as cfg
 from models import model as model_lib
 
 Array = jax.Array

@@ -154,13 +154,11 @@ def _check_settings(args) -> None:
                     args['num_predict_examples'], 1, fix='set it >= 1, or None for all')
   for flag in ('every_checkpoint', 'tensorboard'):
     utils.check_bool(_setting(flag, args[flag]), args[flag])
-  for name, cls in (('model', model_lib.BaseModel),
-                    ('partitioner', partitioner_lib.Partitioner),
-                    ('dataset', pipeline.DatasetConfig),
-                    ('decoding_config', decoding.DecodingConfig)):
-    if not isinstance(args[name], cls):
-      raise utils.InputError(f'{_setting(name, args[name])} is {type(args[name]).__name__}, '
-                             f'not a {cls.__name__}: bind it as gin/runs/eval.gin does')
+  utils.check_types(args, (('model', model_lib.BaseModel),
+                           ('partitioner', partitioner_lib.Partitioner),
+                           ('dataset', pipeline.DatasetConfig),
+                           ('decoding_config', decoding.DecodingConfig)),
+                    _setting, 'bind it as gin/runs/eval.gin does')
 
 
 def _checkpoints(path, every: bool, abstract) -> List[checkpoints.ParamsCheckpoint]:
@@ -188,9 +186,7 @@ def _check_output_dir(path) -> str:
   if os.path.isdir(os.path.join(path, 'checkpoints')):
     raise utils.InputError(f'{name}={path!r} holds checkpoints: evaluation writes beside a '
                            'run, not into it; point it elsewhere')
-  existing = path
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
+  existing = utils.nearest_existing(path)
   if not os.access(existing, os.W_OK | os.X_OK):
     raise utils.InputError(f'{name}={path!r} cannot be written ({existing} is not writable)')
   return path

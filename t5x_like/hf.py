@@ -80,10 +80,6 @@ class Tensors:
   def names(self) -> List[str]:
     return sorted(self.files)
 
-  def shape(self, name: str) -> Tuple[int, ...]:
-    with self._open(self.files[name], framework='numpy') as f:
-      return tuple(f.get_slice(name).get_shape())
-
   def get(self, name: str) -> np.ndarray:
     """The tensor in float32 (bf16/f16 files too, through the flax loader)."""
     if name not in self.files:

@@ -300,9 +300,7 @@ def check_output_file(path: Any, setting: str) -> str:
   if os.path.isdir(path):
     raise utils.InputError(f'{setting}={path!r} is a directory: name a file, e.g. '
                            f'{os.path.join(path, "predictions.jsonl")}')
-  existing = os.path.dirname(path)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
+  existing = utils.nearest_existing(os.path.dirname(path))
   if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
     raise utils.InputError(f'{setting}={path!r} cannot be written ({existing} is not a '
                            'writable directory): point it elsewhere')
@@ -405,13 +403,11 @@ def _check_settings(args: Mapping[str, Any]) -> None:
     raise utils.InputError(
         'set exactly one of INPUT_FILE (a .txt or .jsonl file) and MIXTURE_OR_TASK_NAME (a '
         'registered task), not ' + ('both' if args['input_file'] is not None else 'neither'))
-  for name, cls in (('model', model_lib.BaseModel),
-                    ('partitioner', partitioner_lib.Partitioner),
-                    ('vocabulary', vocabularies.Vocabulary),
-                    ('decoding_config', decoding.DecodingConfig)):
-    if not isinstance(args[name], cls):
-      raise utils.InputError(f'{_setting(name, args[name])} is {type(args[name]).__name__}, '
-                             f'not a {cls.__name__}: bind it as gin/runs/infer.gin does')
+  utils.check_types(args, (('model', model_lib.BaseModel),
+                           ('partitioner', partitioner_lib.Partitioner),
+                           ('vocabulary', vocabularies.Vocabulary),
+                           ('decoding_config', decoding.DecodingConfig)),
+                    _setting, 'bind it as gin/runs/infer.gin does')
 
 
 def _examples(model, vocabulary, mode, input_file, task, split, lengths, num_examples,

@@ -318,12 +318,11 @@ def _check_settings(args: Dict[str, Any]) -> None:
     name = _setting('sample_decoding', args['sample_decoding'])
     raise utils.InputError(f'{name}={args["sample_decoding"]!r} must be '
                            '@decoding.DecodingConfig() or None')
-  for name, cls in (('model', model_lib.BaseModel), ('train_dataset', pipeline.DatasetConfig),
-                    ('optimizer', optimizers.Optimizer),
-                    ('partitioner', partitioner_lib.Partitioner)):
-    if not isinstance(args[name], cls):
-      raise utils.InputError(f'{_setting(name, args[name])} is {type(args[name]).__name__}, not a '
-                             f'{cls.__name__}: bind it to a {cls.__name__} (see gin/runs/)')
+  utils.check_types(args, (('model', model_lib.BaseModel),
+                           ('train_dataset', pipeline.DatasetConfig),
+                           ('optimizer', optimizers.Optimizer),
+                           ('partitioner', partitioner_lib.Partitioner)),
+                    _setting, 'bind it to a {cls} (see gin/runs/)')
 
 
 def _check_model_dir(model_dir) -> None:
@@ -336,9 +335,7 @@ def _check_model_dir(model_dir) -> None:
   if os.path.exists(path) and not os.path.isdir(path):
     raise utils.InputError(f'{name}={model_dir!r} is a file, not a directory: point {name} at '
                            'a directory')
-  existing = path
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
+  existing = utils.nearest_existing(path)
   if not os.path.isdir(existing):
     raise utils.InputError(f'{name}={model_dir!r} cannot be created: {existing} is a file; '
                            f'point {name} elsewhere')

@@ -3,8 +3,9 @@
 import datetime
 import functools
 import math
+import os
 import time
-from typing import Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -73,3 +74,20 @@ def check_float(name: str, value, low: float = 0.0, high: float = math.inf,
     upper = 'inf' if high == math.inf else f'{high:g}'
     raise InputError(f'{name}={value!r} must be a finite number in {lo}{low:g}, {upper}{hi}: ' +
                      (fix or f'set {name} to a value in that range'))
+
+
+def check_types(args: Mapping[str, Any], expected, setting: Callable[[str, Any], str],
+                fix: str) -> None:
+  """Each `args[name]` of (name, class) pairs is an instance of its class;
+  otherwise one line naming the setting (`setting(name, value)`) and `fix`."""
+  for name, cls in expected:
+    if not isinstance(args[name], cls):
+      raise InputError(f'{setting(name, args[name])} is {type(args[name]).__name__}, not a '
+                       f'{cls.__name__}: {fix.format(cls=cls.__name__)}')
+
+
+def nearest_existing(path: str) -> str:
+  """`path` itself or its nearest ancestor that exists (where a write would create it)."""
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return path
