@@ -7,7 +7,10 @@ Writes a random checkpoint of TinyLlama-1.1B's shape (hidden 2048, 22 layers,
 safetensors (model.safetensors.index.json, about 1 GB per shard, written one
 shard at a time with numpy), imports it in a child process, and reports the
 child's peak resident memory beside the checkpoint's size and its largest
-tensor. --record appends the table to docs/benchmarks.md.
+tensor. The child samples its anonymous resident memory (RssAnon: the heap,
+without mapped library code) before the import and at its peak; the
+difference is what the import itself holds. --record appends the table to
+docs/benchmarks.md.
 """
 
 import argparse
@@ -73,6 +76,39 @@ def write_checkpoint(folder, layers, shard_bytes=1 << 30):
   return total, largest, sum(int(np.prod(s)) for _, s in shapes)
 
 
+# The import in a child process, with its anonymous resident memory (the heap:
+# arrays, buffers; not the mapped library code) sampled every 10 ms from
+# /proc/self/status, before the import (modules loaded) and at its peak.
+CHILD = '''
+import json, sys, threading, time
+import jax.numpy as jnp
+from t5x_like import hf
+jnp.zeros(1)
+def anon():
+  with open('/proc/self/status') as f:
+    return next(int(l.split()[1]) * 1024 for l in f if l.startswith('RssAnon'))
+before, peak = anon(), [0]
+def sample():
+  while True:
+    peak[0] = max(peak[0], anon())
+    time.sleep(0.01)
+threading.Thread(target=sample, daemon=True).start()
+hf.import_checkpoint(sys.argv[1], sys.argv[2])
+peak[0] = max(peak[0], anon())
+print(json.dumps({'before': before, 'peak': peak[0]}))
+'''
+
+
+def ours_largest(model_dir):
+  """Bytes of the largest array in the imported checkpoint (a scanned stack)."""
+  sys.path.insert(0, ROOT)
+  from t5x_like import checkpoints  # pylint: disable=g-import-not-at-top
+  directory, step = checkpoints.resolve(model_dir)
+  saved = checkpoints.saved_params(directory, step)
+  return max(int(np.prod(x.shape)) * x.dtype.itemsize for x in
+             __import__('jax').tree.leaves(saved))
+
+
 def main(argv):
   parser = argparse.ArgumentParser()
   parser.add_argument('--layers', type=int, default=22)
@@ -82,19 +118,23 @@ def main(argv):
   hf_dir, model_dir = os.path.join(tmp, 'hf'), os.path.join(tmp, 'imported')
   os.makedirs(hf_dir)
   total, largest, params = write_checkpoint(hf_dir, args.layers)
-  t = time.perf_counter()
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  subprocess.run([sys.executable, '-m', 't5x_like.hf', 'import', '--hf_dir', hf_dir,
-                  '--model_dir', model_dir], check=True, cwd=ROOT, env=env)
+  t = time.perf_counter()
+  out = subprocess.run([sys.executable, '-c', CHILD, hf_dir, model_dir], check=True, cwd=ROOT,
+                       env=env, stdout=subprocess.PIPE, text=True).stdout
   seconds = time.perf_counter() - t
+  anon = json.loads(out.strip().splitlines()[-1])
   peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB -> bytes
   gib = lambda b: b / 2 ** 30
   table = '\n'.join([
-      '| checkpoint | parameters | size (f32) | largest tensor | import peak RSS | time |',
-      '|---|---|---|---|---|---|',
+      '| checkpoint | parameters | size (f32) | largest HF tensor | largest of ours | '
+      'heap before | heap peak during import | peak - before | process peak RSS | time |',
+      '|---|---|---|---|---|---|---|---|---|---|',
       f'| LLaMA layout, {args.layers} layers (TinyLlama-1.1B shape), sharded safetensors | '
-      f'{params:,} | {gib(total):.2f} GiB | {gib(largest):.3f} GiB | {gib(peak):.2f} GiB | '
-      f'{seconds:.0f} s |'])
+      f'{params:,} | {gib(total):.2f} GiB | {gib(largest):.3f} GiB | '
+      f'{gib(ours_largest(model_dir)):.3f} GiB | {gib(anon["before"]):.2f} GiB | '
+      f'{gib(anon["peak"]):.2f} GiB | {gib(anon["peak"] - anon["before"]):.2f} GiB | '
+      f'{gib(peak):.2f} GiB | {seconds:.0f} s |'])
   print(table)
   if args.record:
     with open(os.path.join(ROOT, 'docs', 'benchmarks.md'), 'a') as f:

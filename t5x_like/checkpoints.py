@@ -18,6 +18,7 @@ checkpoints offline.
 
 import abc
 import argparse
+import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -37,6 +38,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
 from t5x_like import utils
 
@@ -72,9 +74,131 @@ def _describe(path) -> str:
   return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
 
 
-def _handlers():
-  return {'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
+def _handlers(streamed: bool = False):
+  state = (ocp.PyTreeCheckpointHandler(type_handler_registry=_streaming_registry()) if streamed
+           else ocp.StandardCheckpointHandler())
+  return {'state': state, 'data': ocp.JsonCheckpointHandler(),
           'meta': ocp.JsonCheckpointHandler()}
+
+
+# --- arrays written piece by piece ------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StreamedArray:
+  """A host array that is never whole in memory: `pieces()` makes it as
+  consecutive slices along axis 0, each `rows` long (the last may be shorter),
+  every time it is called. A Checkpointer(streamed=True) digests it piece by
+  piece and writes it piece by piece, one array at a time, each piece its own
+  chunk on disk; it restores as an ordinary array. The HF import builds its
+  parameters this way, so host memory stays near one tensor, not the model.
+
+  Raises (from `pieces`): whatever the producer raises; a piece of the wrong
+  shape or dtype is a ValueError naming the array.
+  """
+  name: str
+  shape: Tuple[int, ...]
+  dtype: Any
+  rows: int
+  make: Callable[[], Iterator[np.ndarray]]
+
+  def __post_init__(self):
+    object.__setattr__(self, 'shape', tuple(int(n) for n in self.shape))
+    object.__setattr__(self, 'dtype', np.dtype(self.dtype))
+
+  @property
+  def nbytes(self) -> int:
+    return self.size * self.dtype.itemsize
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape))
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def pieces(self) -> Iterator[Tuple[int, np.ndarray]]:
+    """(first row, piece) in order, each checked against the declared layout."""
+    if not self.shape:  # a scalar: one piece, itself
+      (piece,) = list(self.make())
+      piece = np.asarray(piece)
+      if piece.shape or piece.dtype != self.dtype:
+        raise ValueError(f'{self.name}: a piece of shape {piece.shape} {piece.dtype}, expected '
+                         f'a {self.dtype} scalar')
+      yield 0, piece
+      return
+    start = 0
+    for piece in self.make():
+      piece = np.asarray(piece)
+      want = (min(self.rows, self.shape[0] - start),) + tuple(self.shape[1:])
+      if tuple(piece.shape) != want or piece.dtype != self.dtype:
+        raise ValueError(f'{self.name}: a piece of shape {tuple(piece.shape)} {piece.dtype} '
+                         f'at row {start}, expected {want} {self.dtype} (the array '
+                         f'is {tuple(self.shape)})')
+      yield start, piece
+      start += piece.shape[0]
+    if start != self.shape[0]:
+      raise ValueError(f'{self.name}: its pieces give {start} rows, expected {self.shape[0]}')
+
+
+def _streamed_digest(x: StreamedArray) -> Tuple[int, int]:
+  """(`_host_digest`, number of non-finite values) of the whole array, from its
+  pieces: a piece at word offset o adds its own digest + 2 o (its word sum), mod 2**32."""
+  total, nonfinite, per_row = 0, 0, int(np.prod(x.shape[1:]))
+  for start, piece in x.pieces():
+    with np.errstate(over='ignore'):
+      word_sum = int(_host_words(piece).sum(dtype=np.uint32))
+    offset = start * per_row * _words_per_value(piece.dtype)
+    digest, count = _array_digest(piece)
+    total = (total + digest + 2 * offset * word_sum) % (1 << 32)
+    nonfinite += count
+  return total, nonfinite
+
+
+def _array_digest(x) -> Tuple[int, int]:
+  """(`_host_digest`, number of non-finite values) of a host array."""
+  a = np.asarray(x)
+  return _host_digest(a), 0 if _host_finite(a) else int((~np.isfinite(a.astype(np.float32))).sum())
+
+
+def _words_per_value(dtype) -> int:
+  """How many digest words one value of `dtype` is (`_host_words`)."""
+  return 2 if np.dtype(dtype).itemsize == 8 else 1
+
+
+class _StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
+  """Writes StreamedArrays as numpy arrays (they restore as any array does), one
+  array at a time and piece by piece, each piece a chunk of its own."""
+
+  def __init__(self):
+    super().__init__(deepcopy_host_arrays=False)
+    self._one_at_a_time: Optional[asyncio.Lock] = None
+
+  async def _background_serialize(self, values, infos, args=None):
+    self._one_at_a_time = asyncio.Lock()  # of this save's event loop
+    return await super()._background_serialize(values, infos, args)
+
+  async def _open_and_write(self, value: StreamedArray, tspec, ts_context):
+    metadata = tspec['metadata']
+    if value.shape:
+      chunks = [value.rows] + list(value.shape[1:])
+      if 'chunks' in metadata:  # zarr v2
+        metadata['chunks'] = chunks
+      else:  # zarr3
+        metadata['chunk_grid'] = {'name': 'regular', 'configuration': {'chunk_shape': chunks}}
+    async with self._one_at_a_time:
+      store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+      for start, piece in value.pieces():
+        target = store[start:start + piece.shape[0]] if value.shape else store
+        await target.write(piece, can_reference_source_data_indefinitely=True)  # never changed
+        del piece
+
+
+@functools.lru_cache(maxsize=1)
+def _streaming_registry():
+  return ocp.type_handlers.create_type_handler_registry(
+      (np.ndarray, ocp.type_handlers.NumpyHandler()),
+      (StreamedArray, _StreamedArrayHandler()))
 
 
 @contextlib.contextmanager
@@ -391,6 +515,11 @@ def state_digests(tree: Any, on_device: Optional[bool] = None) -> Tuple[Dict[str
   integer reductions. `on_device` forces one path (None: chosen as above).
   """
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  if any(isinstance(x, StreamedArray) for _, x in flat):  # one at a time, piece by piece
+    results = [_streamed_digest(x) if isinstance(x, StreamedArray) else _array_digest(x)
+               for _, x in flat]
+    digests = {_describe(p): f'{d:08x}' for (p, _), (d, _) in zip(flat, results)}
+    return digests, sum(count for _, count in results)
   if not on_device and (on_device is False or _on_host(tree)):
     arrays = [np.asarray(x) for _, x in flat]
 
@@ -794,15 +923,19 @@ class Checkpointer:
     keep: how many of the newest checkpoints to keep.
     keep_period: also keep every checkpoint whose step is a multiple of this.
     async_save: write in a background thread after copying arrays to host.
+    streamed: `state` may hold StreamedArrays (written piece by piece; saves
+      wait until written).
   """
 
   def __init__(self, model_dir: str, keep: int = 3, keep_period: Optional[int] = None,
-               async_save: bool = True):
+               async_save: bool = True, streamed: bool = False):
     if keep < 1:
       raise CheckpointError(f'keep={keep} must be at least 1: set train.keep_checkpoints')
     self.directory = checkpoint_dir(model_dir)
     self._unlisted: List[int] = []  # committed (or being saved) without a file manifest yet
     self._lock = threading.Lock()
+    self._streamed = streamed
+    async_save = async_save and not streamed
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, keep_period=keep_period, create=True,
         cleanup_tmp_directories=True, enable_async_checkpointing=async_save,
@@ -810,19 +943,22 @@ class Checkpointer:
                        if async_save else None))
     with quiet_orbax():
       self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                           item_handlers=_handlers())
+                                           item_handlers=_handlers(streamed))
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, data_state: Dict[str, Any], loop_state: Any = None
-           ) -> None:
+  def save(self, step: int, state: Any, data_state: Dict[str, Any], loop_state: Any = None,
+           digests: Optional[Tuple[Dict[str, str], int]] = None) -> None:
     """Commits a checkpoint of `state` at `step`, with the digests of its arrays.
+
+    `digests`: `state_digests(state)` when the caller already has it (a
+    streamed state is made once more for them otherwise).
 
     Raises:
       NonFiniteStateError: `state` holds a NaN or infinity (nothing is written).
     """
-    digests, nonfinite = state_digests(state)
+    digests, nonfinite = digests or state_digests(state)
     if nonfinite:
       raise NonFiniteStateError(
           f'the state at step {step} holds {nonfinite} non-finite values; not saving it '
@@ -833,7 +969,8 @@ class Checkpointer:
       self._unlisted.append(step)
     with quiet_orbax():
       self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+          state=(ocp.args.PyTreeSave(state) if self._streamed else ocp.args.StandardSave(state)),
+          data=ocp.args.JsonSave(data_state),
           meta=ocp.args.JsonSave(meta)), force=True)
     if not self.manager.is_saving_in_progress():
       self._write_manifests()

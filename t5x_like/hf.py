@@ -85,6 +85,11 @@ class Tensors:
     if name not in self.files:
       raise HfError(f'the HF checkpoint has no tensor {name!r} that the mapping needs')
     self.used.add(name)
+    with self._open(self.files[name], framework='numpy') as f:
+      try:
+        return f.get_tensor(name).astype(np.float32, copy=False)
+      except (TypeError, ValueError):  # bfloat16: numpy has no such dtype
+        pass
     with self._open(self.files[name], framework='flax') as f:
       return np.asarray(f.get_tensor(name), np.float32)
 
@@ -574,6 +579,9 @@ def _scanned(path: str) -> Tuple[str, Optional[int]]:
   return path, None
 
 
+_PIECE_BYTES = 64 << 20  # the largest piece written at once (a scanned layer may be more)
+
+
 def import_checkpoint(hf_dir: str, model_dir: str,
                       partitioner: Optional[partitioner_lib.Partitioner] = None) -> Dict[str, Any]:
   """Converts a HF directory into MODEL_DIR/config.gin + MODEL_DIR/checkpoints/0."""
@@ -610,50 +618,67 @@ def import_checkpoint(hf_dir: str, model_dir: str,
   absent = sorted(needed - set(tensors.names()))
   if absent:
     raise HfError(f'the HF checkpoint lacks {absent[0]!r} ({len(absent)} missing tensors)')
-  cache: Dict[Tuple[int, int], List[np.ndarray]] = {}
+  cache: Dict[int, List[np.ndarray]] = {}
 
-  def converted(rule: Rule, j: int, path: str, want) -> np.ndarray:
-    key = (id(rule), 0)
-    if key not in cache:
+  def converted(rule: Rule, j: int, path: str, want, scanned: bool) -> np.ndarray:
+    if id(rule) not in cache:
       cache.clear()  # one rule's outputs at a time (fused q/k/v give three)
       inputs = [tensors.get(n) for n in rule.theirs]
       try:
-        cache[key] = rule.to_ours(inputs)
+        cache[id(rule)] = rule.to_ours(inputs)
       except ValueError:
         raise HfError(f'HF tensor {rule.theirs[0]!r} of shape {tuple(inputs[0].shape)} does '
                       f'not fit our {path!r} of shape {tuple(want.shape)}: config.json and the '
                       'weights disagree') from None
-    return cache[key][j]
-
-  params = {}
-  for path, want in flat_abstract.items():
-    layers = by_param[path]
-    if None in layers:
-      value = converted(*layers[None], path, want)
-    else:  # a scanned parameter: filled one layer at a time
-      first = converted(*layers[0], path, want)
-      value = np.empty((len(layers),) + first.shape, np.float32)
-      value[0] = first
-      for i in range(1, len(layers)):
-        value[i] = converted(*layers[i], path, want)
-    if tuple(value.shape) != tuple(want.shape):
-      rule, _ = next(iter(layers.values()))
+    value = cache[id(rule)][j]
+    if tuple(value.shape) != (tuple(want.shape[1:]) if scanned else tuple(want.shape)):
       raise HfError(f'HF tensor {rule.theirs[0]!r} gives our {path!r} the shape '
-                    f'{tuple(value.shape)}, but the model expects {tuple(want.shape)}: '
-                    'config.json and the weights disagree')
-    params[path] = jax.device_put(value.astype(want.dtype), want.sharding)
-    del value
+                    f'{tuple(value.shape)}, but the model expects '
+                    f'{tuple(want.shape[1:]) if scanned else tuple(want.shape)}'
+                    f'{" per layer" if scanned else ""}: config.json and the weights disagree')
+    return value.astype(want.dtype, copy=False)
+
+  def parameter(path: str, want) -> checkpoints.StreamedArray:
+    """Our parameter, made when written: whole, or (scanned) one layer per piece."""
+    layers = by_param[path]
+    if None in layers:  # written in row blocks of at most _PIECE_BYTES
+      row_bytes = int(np.prod(want.shape[1:])) * np.dtype(want.dtype).itemsize
+      rows = max(1, min(want.shape[0] if want.shape else 1, _PIECE_BYTES // max(row_bytes, 1)))
+
+      def blocks():
+        value = converted(*layers[None], path, want, False)
+        if not value.shape:
+          yield value
+          return
+        for i in range(0, value.shape[0], rows):
+          yield value[i:i + rows]
+      return checkpoints.StreamedArray(path, tuple(want.shape), want.dtype, rows, blocks)
+    if len(layers) != want.shape[0]:
+      raise HfError(f'the HF checkpoint fills {len(layers)} layers of our {path!r}, the model has '
+                    f'{want.shape[0]}: config.json and the weights disagree')
+    return checkpoints.StreamedArray(
+        path, tuple(want.shape), want.dtype, 1,
+        lambda: (converted(*layers[i], path, want, True)[None] for i in range(len(layers))))
+
+  params = _unflat({path: parameter(path, want) for path, want in flat_abstract.items()})
+  state = {'params': params}
+  # Every tensor is converted once to digest and check it (an HfError before
+  # anything is written), and again as it is written.
+  digests = checkpoints.state_digests(state)
   cache.clear()
-  params = _unflat(params)
+  if digests[1]:
+    raise HfError(f'the HF weights hold {digests[1]} non-finite values (NaN or infinity): '
+                  'not importing them')
   vocab = _vocabulary_binding(hf_dir)
   os.makedirs(model_dir, exist_ok=True)
   with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
     f.write(config_gin(family, hf_dir, vocab))
-  ckpt = checkpoints.Checkpointer(model_dir, async_save=False)
+  ckpt = checkpoints.Checkpointer(model_dir, streamed=True)
   try:
-    ckpt.save(0, {'params': params}, {'imported_from': os.path.abspath(hf_dir)})
+    ckpt.save(0, state, {'imported_from': os.path.abspath(hf_dir)}, digests=digests)
   finally:
     ckpt.close()
+  cache.clear()
   return {'model_dir': model_dir, 'family': family.name,
           'num_params': int(sum(np.prod(x.shape) for x in flat_abstract.values()))}
 

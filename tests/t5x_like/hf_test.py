@@ -143,6 +143,14 @@ def _bad_dirs(tmp_path):
   save_file(tensors, str(d / 'model.safetensors'))
   d = copy('shape')
   (d / 'config.json').write_text(json.dumps({**config, 'intermediate_size': 40}))
+  d = copy('norm_shape')  # a one-to-one tensor: only the shape check can catch it
+  tensors = load_file(str(d / 'model.safetensors'))
+  tensors['model.norm.weight'] = tensors['model.norm.weight'][:-1]
+  save_file(tensors, str(d / 'model.safetensors'))
+  d = copy('nan')
+  tensors = load_file(str(d / 'model.safetensors'))
+  tensors['model.layers.1.self_attn.v_proj.weight'][3, 2] = np.nan
+  save_file(tensors, str(d / 'model.safetensors'))
   d = copy('no_config')
   os.remove(d / 'config.json')
   return tmp_path
@@ -157,6 +165,9 @@ BAD = [
     ('extra_tensor', "the HF tensor 'model.layers.0.self_attn.rotary_extra.weight' is not used"),
     ('shape', r"HF tensor 'model.layers.0.mlp.gate_proj.weight' of shape \(48, 32\) does not "
      r"fit our 'decoder/stack/layers/mlp/wi_0/kernel' of shape \(2, 32, 40\)"),
+    ('norm_shape', r"HF tensor 'model.norm.weight' gives our 'decoder/decoder_norm/scale' the "
+     r'shape \(31,\), but the model expects \(32,\)'),
+    ('nan', r'the HF weights hold 1 non-finite values \(NaN or infinity\): not importing them'),
     ('no_config', 'has no config.json'),
     ('nowhere', "--hf_dir '.*nowhere' is not a directory"),
 ]
@@ -210,3 +221,19 @@ def test_import_binds_the_tokenizer_and_infer_reads_text_with_it(tmp_path):
                           decoding.DecodingConfig(max_decode_length=6, eos_id=2))
     assert record['output_ids'] == [int(t) for t in d.tokens[0, :int(d.lengths[0])]]
     assert record['output'] == tok.decode(record['output_ids'], skip_special_tokens=True)
+
+
+def test_bfloat16_weights_import_as_their_float32_values(tmp_path):
+  """bf16 safetensors (most published checkpoints) go through the flax reader."""
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  d = tmp_path / 'bf16'
+  shutil.copytree(os.path.join(FIXTURE_DIR, 'llama_gqa'), d)
+  tensors = load_file(str(d / 'model.safetensors'))
+  save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()},
+            str(d / 'model.safetensors'))
+  hf.import_checkpoint(str(d), str(tmp_path / 'out'))
+  directory, step = checkpoints.resolve(str(tmp_path / 'out'))
+  params = hf._flat(jax.device_get(checkpoints.restore_params(directory, step)))
+  np.testing.assert_array_equal(params['decoder/decoder_norm/scale'],
+                                tensors['model.norm.weight'].astype(ml_dtypes.bfloat16)
+                                .astype(np.float32))

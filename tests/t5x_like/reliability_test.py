@@ -75,6 +75,31 @@ def test_host_digests_equal_device_digests():
   assert checkpoints.state_digests(nan)[1] == 2
 
 
+def _streamed(name, x, rows):
+  return checkpoints.StreamedArray(name, x.shape, x.dtype, rows,
+                                   lambda: (x[i:i + rows] for i in range(0, x.shape[0], rows)))
+
+
+def test_streamed_digests_equal_whole_array_digests():
+  """An array digested piece by piece (HF import) gets the digest of the whole,
+  whatever the pieces, so it verifies like any other array when restored."""
+  rng = np.random.RandomState(2)
+  for shape in ((5, 4096), (3, 7, 4097), (9,), (4, 1)):
+    for dtype in (np.float32, np.float16, np.int32, np.uint8, np.float64, jnp.bfloat16):
+      x = (rng.randn(*shape) * 100).astype(dtype)
+      whole = checkpoints.state_digests({'x': x}, on_device=False)
+      for rows in (1, 2, shape[0]):
+        assert checkpoints.state_digests({'x': _streamed('x', x, rows)}) == whole, (shape, dtype)
+  x = np.ones((4, 3), np.float32)
+  x[2, 1], x[3, 0] = np.nan, -np.inf
+  assert checkpoints.state_digests({'x': _streamed('x', x, 1)})[1] == 2
+  with pytest.raises(ValueError, match=r'x: a piece of shape \(2, 3\) float32 at row 1, '
+                     r'expected \(1, 3\)'):
+    checkpoints.state_digests({'x': checkpoints.StreamedArray(
+        'x', (3, 3), np.float32, 1,
+        lambda: iter([np.ones((1, 3), np.float32), np.ones((2, 3), np.float32)]))})
+
+
 def test_save_refuses_a_non_finite_state_and_writes_nothing(tmp_path):
   ckpt = checkpoints.Checkpointer(str(tmp_path), async_save=False)
   ckpt.save(1, {'w': jnp.ones(4)}, {'batches_consumed': 1})
