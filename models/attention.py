@@ -171,14 +171,21 @@ class MultiHeadAttention(nn.Module):
     elif q_ctx.decode:
       k, v, kv_ctx = self._attend_to_cache(k, v, q_ctx)
       q_ctx = q_ctx.replace(segment_ids=None)  # causality alone masks the cache (see there)
+      if q_ctx.decode == 'prefill':
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
 
-    dropout_rng = None
-    if not self.deterministic and self.dropout_rate > 0.0:
-      dropout_rng = self.make_rng('dropout')
-    out = dot_product_attention(
-        self.kernel, q, k, v, q_ctx=q_ctx, kv_ctx=kv_ctx, causal=causal,
-        alibi_slopes=alibi, rel_bias=rel_bias, dropout_rate=self.dropout_rate,
-        dropout_rng=dropout_rng, scale=self.query_scale)  # [batch, q_len, heads, head_dim]
+    if q_ctx.decode == 'step' and not self.cross_attention:
+      # Over the cache in its own layout (no step transposes or copies it), causal.
+      out = xla.cached_attention(q, k, v, q_ctx.positions, alibi_slopes=alibi,
+                                 rel_bias=rel_bias, scale=self.query_scale)
+    else:
+      dropout_rng = None
+      if not self.deterministic and self.dropout_rate > 0.0:
+        dropout_rng = self.make_rng('dropout')
+      out = dot_product_attention(
+          self.kernel, q, k, v, q_ctx=q_ctx, kv_ctx=kv_ctx, causal=causal,
+          alibi_slopes=alibi, rel_bias=rel_bias, dropout_rate=self.dropout_rate,
+          dropout_rng=dropout_rng, scale=self.query_scale)  # [batch, q_len, heads, head_dim]
     out = nn.with_logical_constraint(out, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))
     return dense((emb,), (ax.HEADS, ax.HEAD_DIM, ax.EMBED), axis=(-2, -1),
                  init_scale=self.value_init_scale, name='out')(out)
@@ -190,7 +197,8 @@ class MultiHeadAttention(nn.Module):
 
   def _attend_to_cache(self, k: Array, v: Array, q_ctx: Context):
     """Writes this call's keys and values at slots = their positions; returns the
-    whole cache and the Context of its slots.
+    whole cache, heads-major [batch, kv_heads, slots, head_dim], and the Context
+    of its slots.
 
     Slot i holds the token at position i, so a row's prompt fills slots
     [0, prompt_length) at prefill (positions from 0) and each step one more;
@@ -217,4 +225,4 @@ class MultiHeadAttention(nn.Module):
       prefix = jnp.pad(q_ctx.prefix, ((0, 0), (0, length - n)))
     kv_ctx = Context(positions=jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32),
                                                 (batch, length)), prefix=prefix)
-    return jnp.swapaxes(ck.value, 1, 2), jnp.swapaxes(cv.value, 1, 2), kv_ctx
+    return ck.value, cv.value, kv_ctx

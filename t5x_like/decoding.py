@@ -172,8 +172,9 @@ def sample(step_fn, state, logits: Array, positions: Array, config: DecodingConf
     tokens = tokens.at[:, i].set(token)
     lengths = jnp.where(done, lengths, i + 1)
     done = done | (token == config.eos_id) | (i + 1 >= n)
-    logits, state = jax.lax.cond(jnp.all(done), lambda: (logits, state),
-                                 lambda: step_fn(state, token, positions))
+    # Always one step, also after the last token (its logits go unused): a
+    # lax.cond around it would make XLA copy the whole cache every step.
+    logits, state = step_fn(state, token, positions)
     return i + 1, state, logits, positions + 1, tokens, done, lengths, scores, rng
 
   carry = (jnp.zeros((), jnp.int32), state, logits.astype(jnp.float32), positions,
@@ -241,9 +242,7 @@ def beam_search(step_fn, state, logits: Array, positions: Array,
     rows = (jnp.arange(b)[:, None] * k + jnp.take_along_axis(beam, keep, axis=1)).reshape(-1)
     state = state.take_rows(rows)
     positions = jnp.take(positions, rows)
-    last = i + 1 >= n
-    logits, state = jax.lax.cond(last, lambda: (logits, state),
-                                 lambda: step_fn(state, tokens, positions))
+    logits, state = step_fn(state, tokens, positions)  # no lax.cond: see `sample`
     return (i + 1, state, logits, positions + 1, alive_logp, alive_seqs, fin_scores, fin_seqs,
             fin_lens)
 

@@ -186,3 +186,48 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   probs = probs.reshape(batch, kv_heads, groups, q_len, kv_len).astype(v.dtype)
   out = jnp.einsum('bhgqk,bkhd->bqhgd', probs, v, preferred_element_type=jnp.float32)
   return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+
+
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                     q_positions: jax.Array, *,
+                     alibi_slopes: Optional[jax.Array] = None,
+                     rel_bias: Optional[RelativeBias] = None,
+                     scale: Optional[float] = None) -> jax.Array:
+  """Causal attention of a few new queries over a heads-major KV cache (decoding).
+
+  `attention` with causal=True and kv_positions = the slot numbers, computed in
+  the cache's own layout, so no step transposes or copies the cache.
+
+  Args:
+    q: [batch, q_len, heads, head_dim] (q_len is 1 in a decode step).
+    k_cache, v_cache: [batch, kv_heads, slots, head_dim]; slot i holds position i.
+    q_positions: [batch, q_len].
+    alibi_slopes, rel_bias, scale: as for `attention`.
+
+  Returns:
+    [batch, q_len, heads, head_dim] in q's dtype.
+  """
+  batch, q_len, heads, head_dim = q.shape
+  kv_heads, slots = k_cache.shape[1], k_cache.shape[2]
+  groups = heads // kv_heads
+  scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+  # Queries as rows [batch, kv_heads, q_len * groups, head_dim]: with one query
+  # (a decode step) every reshape here is free, and each dot is a plain
+  # batched matmul over (batch, kv_heads) (a q_len axis of its own in the
+  # einsums makes XLA's CPU backend much slower).
+  qg = q.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 1, 3, 4)
+  qg = qg.reshape(batch, kv_heads, q_len * groups, head_dim)
+  logits = jnp.einsum('bkmd,bksd->bkms', qg, k_cache,
+                      preferred_element_type=jnp.float32) * scale
+  logits = logits.reshape(batch, kv_heads, q_len, groups, slots)
+  kv_positions = jnp.broadcast_to(jnp.arange(slots, dtype=q_positions.dtype), (batch, slots))
+  bias = attention_bias(q_positions, kv_positions, alibi=alibi_slopes, rel_bias=rel_bias)
+  if bias is not None:  # [batch, heads, q_len, slots]
+    logits = logits + bias.reshape(batch, kv_heads, groups, q_len, slots).transpose(0, 1, 3, 2, 4)
+  mask = kv_positions[:, None, :] <= q_positions[:, :, None]  # [batch, q_len, slots]
+  logits = jnp.where(mask[:, None, :, None], logits, MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
+  probs = probs.reshape(batch, kv_heads, q_len * groups, slots)
+  out = jnp.einsum('bkms,bksd->bkmd', probs, v_cache, preferred_element_type=jnp.float32)
+  out = out.reshape(batch, kv_heads, q_len, groups, head_dim).transpose(0, 2, 1, 3, 4)
+  return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)

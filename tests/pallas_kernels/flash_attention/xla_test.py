@@ -149,3 +149,27 @@ def test_fully_masked_rows_stay_finite():
   grads = jax.grad(lambda q, k, v: jnp.sum(ref.attention(
       q, k, v, q_segment_ids=seg_q, kv_segment_ids=seg_k)))(q, k, v)
   assert np.all(np.isfinite(grads))
+
+
+@pytest.mark.parametrize('kvh', [4, 2, 1])
+@pytest.mark.parametrize('bias', ['none', 'alibi', 't5'])
+def test_cached_attention_equals_causal_attention_over_the_slots(kvh, bias):
+  """The decode path (queries against a heads-major cache, slot = position)
+  equals `attention` with causal masking by those positions, one or several
+  queries per row at different positions."""
+  q, k, v = _qkv(b=3, lq=3, lk=11, h=4, kvh=kvh, seed=kvh)
+  q_positions = jnp.asarray([[4, 5, 6], [0, 1, 2], [8, 9, 10]])
+  kw = {}
+  if bias == 'alibi':
+    kw['alibi_slopes'] = jnp.asarray(ref.alibi_slopes(4))
+  if bias == 't5':
+    kw['rel_bias'] = ref.RelativeBias(
+        jnp.asarray(np.random.RandomState(3).randn(4, 32).astype(np.float32)), 32, 128, False)
+  want = ref.attention(q, k, v, q_positions=q_positions,
+                       kv_positions=jnp.broadcast_to(jnp.arange(11), (3, 11)), causal=True,
+                       scale=0.3, **kw)
+  heads_major = lambda x: jnp.swapaxes(jnp.asarray(x), 1, 2)
+  for rows in (slice(0, 3), slice(1, 2)):  # several queries; a single decode-step query
+    got = ref.cached_attention(q[:, rows], heads_major(k), heads_major(v), q_positions[:, rows],
+                               scale=0.3, **kw)
+    np.testing.assert_allclose(got, want[:, rows], rtol=1e-6, atol=1e-6)
