@@ -10,9 +10,12 @@ import json
 import os
 from typing import Optional, Sequence
 
+import numpy as np
+
 # t5x_like.data first: it imports TensorFlow (under seqio) with its CUDA probing quiet.
 from t5x_like.data import registry  # pylint: disable=g-bad-import-order
 import seqio  # pylint: disable=g-bad-import-order
+import tensorflow as tf  # pylint: disable=g-bad-import-order
 
 from t5x_like import utils
 
@@ -55,7 +58,7 @@ class HfTokenizerVocabulary(seqio.Vocabulary):
   `encode` adds no special tokens; `prompt_prefix` holds what the tokenizer's
   template puts before a text (LLaMA's <s>), which `infer` puts before prompts
   of decoders without a start token. Decoding stops at EOS and skips special
-  tokens. Python only (no tf.data ops).
+  tokens. In tf.data (seqio tasks) it runs through `tf.py_function`.
   """
 
   def __init__(self, path: str):
@@ -104,10 +107,26 @@ class HfTokenizerVocabulary(seqio.Vocabulary):
     return self._tok.decode(list(ids), skip_special_tokens=True)
 
   def _encode_tf(self, s):
-    raise NotImplementedError('HfTokenizerVocabulary has no TensorFlow ops: use it in Python')
+    """tf.data: a string (or a vector of them, ragged out) -> int32 ids, through
+    the Python tokenizer (`tf.py_function`; the pipeline's position is restored
+    by counting batches, so nothing needs to serialize it)."""
+    s = tf.convert_to_tensor(s, tf.string)
+    if s.shape.rank:
+      return tf.map_fn(self._encode_tf, s,
+                       fn_output_signature=tf.RaggedTensorSpec([None], tf.int32))
+    ids = tf.py_function(lambda x: np.asarray(self._encode(x.numpy().decode('utf-8')),
+                                              np.int32), [s], tf.int32)
+    ids.set_shape([None])
+    return ids
 
   def _decode_tf(self, ids):
-    raise NotImplementedError('HfTokenizerVocabulary has no TensorFlow ops: use it in Python')
+    """tf.data: ids [n] (or [batch, n]) -> a string (or a vector of them)."""
+    ids = tf.convert_to_tensor(ids)
+    if ids.shape.rank and ids.shape.rank > 1:
+      return tf.map_fn(self._decode_tf, ids, fn_output_signature=tf.string)
+    text = tf.py_function(lambda x: self._decode(x.numpy().tolist()), [ids], tf.string)
+    text.set_shape([])
+    return text
 
   def __eq__(self, other):
     return isinstance(other, HfTokenizerVocabulary) and other._path == self._path

@@ -96,12 +96,17 @@ def _extra_ids(vocabulary: seqio.Vocabulary) -> int:
   return int(getattr(vocabulary, 'extra_ids', 0) or 0)
 
 
+def has_mode_tokens(vocabulary: seqio.Vocabulary) -> bool:
+  """Whether `vocabulary` has extra ids for the UL2 mode tokens and a sentinel."""
+  return _extra_ids(vocabulary) >= len(MODE_TOKENS) + 1
+
+
 def mode_token_id(vocabulary: seqio.Vocabulary, mode: str) -> int:
   """The id reserved for a UL2 mode token ('[NLU]', '[NLG]' or '[S2S]')."""
   if mode not in MODE_TOKENS:
     raise ObjectiveError(f'unknown mode token {mode!r}: use one of {", ".join(MODE_TOKENS)}')
   extra = _extra_ids(vocabulary)
-  if extra < len(MODE_TOKENS) + 1:
+  if not has_mode_tokens(vocabulary):
     raise ObjectiveError(
         f'the vocabulary has {extra} extra ids, no room for the {len(MODE_TOKENS)} mode tokens '
         'and sentinels: build it with more extra_ids (e.g. seqio.ByteVocabulary(extra_ids=100))')

@@ -92,7 +92,8 @@ def register_text_task(name: str, source: seqio.DataSource, objective: str = 'lm
 
 def register_corpus_tasks(vocabulary: seqio.Vocabulary = DEFAULT_VOCABULARY,
                           prefix: str = 'stdlib') -> None:
-  """Registers the corpus tasks and mixtures listed above for `vocabulary`."""
+  """Registers the corpus tasks and mixtures listed above for `vocabulary` (the
+  UL2 mixtures only when it has extra ids for the mode tokens and sentinels)."""
   for objective in OBJECTIVES:
     names = [register_text_task(f'{prefix}_{domain}_{objective}', corpus_source(domain),
                                 objective, vocabulary) for domain in corpus.DOMAINS]
@@ -100,9 +101,10 @@ def register_corpus_tasks(vocabulary: seqio.Vocabulary = DEFAULT_VOCABULARY,
     mixtures.register_lazy_mixture(f'{prefix}_{objective}_by_characters', names, 'characters')
     mixtures.register_lazy_mixture(f'{prefix}_{objective}_temperature', names, 'characters',
                                    temperature=1 / 0.3)
-  domains = {d: corpus_source(d) for d in corpus.DOMAINS}
-  denoisers.register_denoising_mixture(f'{prefix}_ul2', domains, denoisers.UL2, vocabulary)
-  denoisers.register_denoising_mixture(f'{prefix}_ul2r', domains, denoisers.UL2R, vocabulary)
+  if prep.has_mode_tokens(vocabulary):  # (an HF tokenizer has no extra ids for them)
+    domains = {d: corpus_source(d) for d in corpus.DOMAINS}
+    denoisers.register_denoising_mixture(f'{prefix}_ul2', domains, denoisers.UL2, vocabulary)
+    denoisers.register_denoising_mixture(f'{prefix}_ul2r', domains, denoisers.UL2R, vocabulary)
 
 
 register_corpus_tasks()

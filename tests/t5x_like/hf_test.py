@@ -237,3 +237,43 @@ def test_bfloat16_weights_import_as_their_float32_values(tmp_path):
   np.testing.assert_array_equal(params['decoder/decoder_norm/scale'],
                                 tensors['model.norm.weight'].astype(ml_dtypes.bfloat16)
                                 .astype(np.float32))
+
+
+def test_an_import_fine_tunes_as_initial_checkpoint(tmp_path):
+  """OUT/config.gin + OUT as INITIAL_CHECKPOINT: `train` starts from the imported
+  weights (two small steps away from them) with the imported tokenizer's data."""
+  from t5x_like import train as train_lib  # pylint: disable=g-import-not-at-top
+  from t5x_like import vocabularies  # pylint: disable=g-import-not-at-top
+  from t5x_like.data import tasks  # pylint: disable=g-import-not-at-top
+  out, _, imported = _import('llama_gqa', tmp_path)
+  tasks.register_corpus_tasks(
+      vocabularies.hf_tokenizer(os.path.join(FIXTURE_DIR, 'llama_gqa')), prefix='hf_gqa_test')
+  run_dir = tmp_path / 'finetuned'
+  result = train_lib.run([os.path.join(out, 'config.gin'), 'runs/pretrain.gin'], [
+      "MIXTURE_OR_TASK_NAME = 'hf_gqa_test_lm'", "TASK_FEATURE_LENGTHS = {'targets': 32}",
+      'TRAIN_STEPS = 2', 'BATCH_SIZE = 8', 'WARMUP_STEPS = 1', 'LEARNING_RATE = 1e-3',
+      f"MODEL_DIR = '{run_dir}'", f"train_lib.train.initial_checkpoint = '{out}'"])
+  assert result['step'] == 2
+  directory, step = checkpoints.resolve(str(run_dir))
+  tuned = hf._flat(jax.device_get(checkpoints.restore_params(directory, step)))
+  imported = hf._flat(jax.device_get(imported))
+  assert tuned.keys() == imported.keys()
+  for path, value in imported.items():  # an AdamW step moves each weight by about lr
+    np.testing.assert_allclose(tuned[path], value, atol=2.5e-3, err_msg=path)
+  assert any(not np.array_equal(tuned[p], imported[p]) for p in imported)
+
+
+def test_hf_tokenizer_tf_ops_equal_its_python_ones():
+  """seqio tasks tokenize in tf.data: the HF tokenizer's TF path (tf.py_function)
+  gives what its Python path gives, for one string or a vector of them."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from t5x_like import vocabularies  # pylint: disable=g-import-not-at-top
+  vocab = vocabularies.hf_tokenizer(os.path.join(FIXTURE_DIR, 'llama_gqa'))
+  texts = ['def f(x): return x', 'import os\n', '']
+  want = [vocab.encode(t) for t in texts]
+  assert [vocab.encode_tf(tf.constant(t)).numpy().tolist() for t in texts] == want
+  assert vocab.encode_tf(tf.constant(texts)).to_list() == want
+  ids = tf.constant(want[0], tf.int32)
+  assert vocab.decode_tf(ids).numpy().decode() == vocab.decode(want[0])
+  ds = tf.data.Dataset.from_tensor_slices(texts).map(vocab.encode_tf)
+  assert [x.numpy().tolist() for x in ds] == want
