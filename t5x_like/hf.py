@@ -593,7 +593,9 @@ def import_checkpoint(hf_dir: str, model_dir: str,
   except cfg.ConfigError as e:
     raise HfError(f'{hf_dir}: {e}') from None
   c = model.config
-  if os.path.exists(os.path.join(model_dir, 'checkpoints')):
+  # A committed checkpoint is never overwritten; what an interrupted import left
+  # (orbax's temporary folder) is cleared when the new one is written.
+  if os.path.isfile(checkpoints.checkpoint_dir(model_dir)) or checkpoints.all_steps(model_dir):
     raise HfError(f'{model_dir} already holds checkpoints: import into a new directory')
   partitioner = partitioner or partitioner_lib.Partitioner(mesh_lib.create_mesh((-1, 1, 1)))
   abstract = infer_lib.abstract_params(model, partitioner)

@@ -2,6 +2,7 @@
 (scripts/make_hf_fixtures.py): logits and scores equal, exports reproduce the
 original tensors exactly, bad directories refused in one line."""
 
+import glob
 import json
 import os
 import re
@@ -277,3 +278,20 @@ def test_hf_tokenizer_tf_ops_equal_its_python_ones():
   assert vocab.decode_tf(ids).numpy().decode() == vocab.decode(want[0])
   ds = tf.data.Dataset.from_tensor_slices(texts).map(vocab.encode_tf)
   assert [x.numpy().tolist() for x in ds] == want
+
+
+def test_import_never_overwrites_a_checkpoint_and_reruns_after_an_interruption(tmp_path, capfd):
+  out = tmp_path / 'imported'
+  # What a killed import leaves: orbax's temporary folder, no committed checkpoint.
+  os.makedirs(out / 'checkpoints' / '0.orbax-checkpoint-tmp-1234' / 'state')
+  hf.import_checkpoint(os.path.join(FIXTURE_DIR, 'llama_gqa'), str(out))
+  assert checkpoints.all_steps(str(out)) == [0]
+  assert os.listdir(out / 'checkpoints') == ['0']
+  before = {p: os.path.getmtime(p) for p in glob.glob(str(out / '**'), recursive=True)}
+  capfd.readouterr()
+  with pytest.raises(SystemExit) as e:
+    hf.console_main(['import', '--hf_dir', os.path.join(FIXTURE_DIR, 'gpt2'),
+                     '--model_dir', str(out)])
+  lines = [l for l in capfd.readouterr().err.splitlines() if l.strip()]
+  assert e.value.code == 2 and len(lines) == 1 and 'already holds checkpoints' in lines[0]
+  assert before == {p: os.path.getmtime(p) for p in glob.glob(str(out / '**'), recursive=True)}
