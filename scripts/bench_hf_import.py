@@ -102,11 +102,11 @@ print(json.dumps({'before': before, 'peak': peak[0]}))
 def ours_largest(model_dir):
   """Bytes of the largest array in the imported checkpoint (a scanned stack)."""
   sys.path.insert(0, ROOT)
+  import jax  # pylint: disable=g-import-not-at-top  (only here: the parent stays light)
   from t5x_like import checkpoints  # pylint: disable=g-import-not-at-top
   directory, step = checkpoints.resolve(model_dir)
   saved = checkpoints.saved_params(directory, step)
-  return max(int(np.prod(x.shape)) * x.dtype.itemsize for x in
-             __import__('jax').tree.leaves(saved))
+  return max(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(saved))
 
 
 def main(argv):

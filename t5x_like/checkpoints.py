@@ -515,22 +515,17 @@ def state_digests(tree: Any, on_device: Optional[bool] = None) -> Tuple[Dict[str
   integer reductions. `on_device` forces one path (None: chosen as above).
   """
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  if any(isinstance(x, StreamedArray) for _, x in flat):  # one at a time, piece by piece
-    results = [_streamed_digest(x) if isinstance(x, StreamedArray) else _array_digest(x)
-               for _, x in flat]
-    digests = {_describe(p): f'{d:08x}' for (p, _), (d, _) in zip(flat, results)}
-    return digests, sum(count for _, count in results)
   if not on_device and (on_device is False or _on_host(tree)):
-    arrays = [np.asarray(x) for _, x in flat]
-
-    def one(a):  # numpy releases the GIL in its reductions: one thread per core
-      return _host_digest(a), _host_finite(a)
-    order = sorted(range(len(arrays)), key=lambda i: -arrays[i].size)
-    results = dict(zip(order, _POOL.map(one, [arrays[i] for i in order])))
+    # Whole arrays on the pool, largest first (numpy releases the GIL in its
+    # reductions: one thread per core); StreamedArrays one at a time, piece by
+    # piece, so they are never whole.
+    whole = sorted((i for i, (_, x) in enumerate(flat) if not isinstance(x, StreamedArray)),
+                   key=lambda i: -np.size(flat[i][1]))
+    results = dict(zip(whole, _POOL.map(_array_digest, [np.asarray(flat[i][1]) for i in whole])))
+    results.update({i: _streamed_digest(x) for i, (_, x) in enumerate(flat)
+                    if isinstance(x, StreamedArray)})
     digests = {_describe(p): f'{results[i][0]:08x}' for i, (p, _) in enumerate(flat)}
-    count = sum(int((~np.isfinite(arrays[i].astype(np.float32))).sum())
-                for i in range(len(arrays)) if not results[i][1])
-    return digests, count
+    return digests, sum(count for _, count in results.values())
   out = _replicated(tree)
   if out not in _DIGEST_FNS:
     _DIGEST_FNS[out] = (jax.jit(_digest_and_check, out_shardings=out),

@@ -582,8 +582,7 @@ def _scanned(path: str) -> Tuple[str, Optional[int]]:
 _PIECE_BYTES = 64 << 20  # the largest piece written at once (a scanned layer may be more)
 
 
-def import_checkpoint(hf_dir: str, model_dir: str,
-                      partitioner: Optional[partitioner_lib.Partitioner] = None) -> Dict[str, Any]:
+def import_checkpoint(hf_dir: str, model_dir: str) -> Dict[str, Any]:
   """Converts a HF directory into MODEL_DIR/config.gin + MODEL_DIR/checkpoints/0."""
   hf = read_config(hf_dir)
   family = family_of(hf)
@@ -597,8 +596,9 @@ def import_checkpoint(hf_dir: str, model_dir: str,
   # (orbax's temporary folder) is cleared when the new one is written.
   if os.path.isfile(checkpoints.checkpoint_dir(model_dir)) or checkpoints.all_steps(model_dir):
     raise HfError(f'{model_dir} already holds checkpoints: import into a new directory')
-  partitioner = partitioner or partitioner_lib.Partitioner(mesh_lib.create_mesh((-1, 1, 1)))
-  abstract = infer_lib.abstract_params(model, partitioner)
+  # Shapes and dtypes only: the parameters go to disk, not onto devices.
+  abstract = infer_lib.abstract_params(
+      model, partitioner_lib.Partitioner(mesh_lib.create_mesh((-1, 1, 1))))
   flat_abstract = _flat(abstract)
   rules = rules_for(family, c)
   # Which rule fills which parameter (scanned paths: one per layer).
@@ -633,10 +633,10 @@ def import_checkpoint(hf_dir: str, model_dir: str,
                       f'not fit our {path!r} of shape {tuple(want.shape)}: config.json and the '
                       'weights disagree') from None
     value = cache[id(rule)][j]
-    if tuple(value.shape) != (tuple(want.shape[1:]) if scanned else tuple(want.shape)):
+    expected = tuple(want.shape[1:]) if scanned else tuple(want.shape)
+    if tuple(value.shape) != expected:
       raise HfError(f'HF tensor {rule.theirs[0]!r} gives our {path!r} the shape '
-                    f'{tuple(value.shape)}, but the model expects '
-                    f'{tuple(want.shape[1:]) if scanned else tuple(want.shape)}'
+                    f'{tuple(value.shape)}, but the model expects {expected}'
                     f'{" per layer" if scanned else ""}: config.json and the weights disagree')
     return value.astype(want.dtype, copy=False)
 
