@@ -132,6 +132,7 @@ class MultiHeadAttention(nn.Module):
   param_dtype: Any = jnp.float32
   value_init_scale: float = 1.0  # DeepNorm beta on value and out
   cross_attention: bool = False  # keys/values from another sequence (the encoder)
+  peft: Optional[cfg.PeftConfig] = None  # LoRA / IA3 on the projections it targets
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, *, q_ctx: Context,
@@ -140,7 +141,8 @@ class MultiHeadAttention(nn.Module):
     """inputs_q [batch, q_len, embed], inputs_kv [batch, kv_len, embed] -> [batch, q_len, embed]."""
     emb = inputs_q.shape[-1]
     dense = functools.partial(layers.DenseGeneral, use_bias=self.use_bias,
-                              dtype=self.dtype, param_dtype=self.param_dtype)
+                              dtype=self.dtype, param_dtype=self.param_dtype, peft=self.peft,
+                              deterministic=self.deterministic)
     q = dense((self.num_heads, self.head_dim), (ax.EMBED, ax.HEADS, ax.HEAD_DIM),
               name='query')(inputs_q)  # [batch, q_len, heads, head_dim]
     q = nn.with_logical_constraint(q, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))

@@ -6,6 +6,7 @@ accept their lowercase string values too (`position_encoding = 'alibi'`).
 
 import dataclasses
 import enum
+import re
 from typing import Optional
 
 import jax.numpy as jnp
@@ -78,6 +79,62 @@ class RematPolicy(enum.Enum):
   DOTS_NO_BATCH = 'dots_no_batch'  # save weight matmuls only (not attention)
 
 
+class PeftMethod(enum.Enum):
+  """Parameter-efficient fine-tuning (models/peft.py): what is added to the model and trained."""
+  LORA = 'lora'  # low-rank deltas B A on the dense layers `targets` names (Hu et al., 2021)
+  IA3 = 'ia3'  # learned scaling of keys, values and the MLP hidden (Liu et al., 2022)
+  ADAPTERS = 'adapters'  # Houlsby bottlenecks after attention and the MLP (Houlsby et al., 2019)
+  BITFIT = 'bitfit'  # the dense layers' biases only (Ben Zaken et al., 2021)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+  """What a parameter-efficient fine-tuning run adds to the model.
+
+  The added parameters start so that the model computes exactly the base
+  model (LoRA B = 0, IA3 scales = 1, adapter up-projections = 0); the
+  trainer trains them alone (`models.peft.trainable_pattern`) unless
+  `train.trainable_params` says otherwise.
+
+  Attributes:
+    method: a `PeftMethod` (or its lowercase name).
+    targets: regular expression searched in each dense layer's path, e.g.
+      'query|value', 'self_attention' or '.' (every dense layer); None: the
+      method's default ('query|value' for LoRA, 'key|value|wo' for IA3).
+    rank, alpha, dropout: LoRA's r, its scale alpha / r, and the dropout on
+      the low-rank branch's input.
+    adapter_dim: the adapters' bottleneck width.
+  """
+  method: PeftMethod = PeftMethod.LORA
+  targets: Optional[str] = None
+  rank: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.0
+  adapter_dim: int = 16
+
+  def __post_init__(self):
+    object.__setattr__(self, 'method', _coerce(PeftMethod, self.method, 'PeftConfig.method'))
+    if self.targets is None:
+      default = {PeftMethod.LORA: 'query|value', PeftMethod.IA3: 'key|value|wo'}
+      object.__setattr__(self, 'targets', default.get(self.method))
+    if self.targets is not None:
+      try:
+        re.compile(self.targets)
+      except (re.error, TypeError) as e:
+        raise ConfigError(f'PeftConfig.targets={self.targets!r} is not a regular expression '
+                          f'({e}): use e.g. \'query|value\'') from None
+    if int(self.rank) < 1:
+      raise ConfigError(f'PeftConfig.rank={self.rank} must be at least 1')
+    if int(self.adapter_dim) < 1:
+      raise ConfigError(f'PeftConfig.adapter_dim={self.adapter_dim} must be at least 1')
+    if not 0.0 <= self.dropout < 1.0:
+      raise ConfigError(f'PeftConfig.dropout={self.dropout} must be in [0, 1)')
+
+  @property
+  def lora_scale(self) -> float:
+    return float(self.alpha) / float(self.rank)
+
+
 def _coerce(enum_cls, value, field):
   if isinstance(value, enum_cls):
     return value
@@ -146,6 +203,8 @@ class DecoderConfig:
   num_shared_experts: int = 0  # DeepSeek: experts every token uses
   load_balance_loss_weight: float = 0.01
   router_z_loss_weight: float = 0.001
+  # Parameter-efficient fine-tuning: the parameters it adds (models/peft.py); None: none.
+  peft: Optional[PeftConfig] = None
 
   def __post_init__(self):
     name = type(self).__name__
@@ -188,6 +247,8 @@ class DecoderConfig:
                         f'probabilities, but dropout_rate={self.dropout_rate}: set '
                         f'{name}.dropout_rate = 0.0 or {name}.attention_kernel = "xla"')
     self._check_moe(name)
+    if self.peft is not None and not isinstance(self.peft, PeftConfig):
+      raise ConfigError(f'{name}.peft={self.peft!r} must be @model_config.PeftConfig() or None')
     for field in ('dtype', 'param_dtype'):
       try:
         jnp.dtype(getattr(self, field))

@@ -8,6 +8,7 @@ layers; `query/key/value/out` in attention; `wi`, `wi_0/wi_1`, `wo` in MLPs;
 import dataclasses
 import functools
 import math
+import re
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
@@ -51,6 +52,8 @@ class DenseGeneral(nn.Module):
   param_dtype: Any = jnp.float32
   kernel_init: Initializer = default_kernel_init
   init_scale: float = 1.0
+  peft: Optional[cfg.PeftConfig] = None  # LoRA / IA3 on this layer when `targets` matches its path
+  deterministic: bool = True  # False: LoRA dropout on
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -71,15 +74,72 @@ class DenseGeneral(nn.Module):
                         kernel_shape, self.param_dtype)
     kernel = jnp.asarray(kernel, self.dtype)
     x = jnp.asarray(x, self.dtype)
+    method = self._peft_method()
+    n_in = len(in_shape)
+    if method == cfg.PeftMethod.IA3 and self.name == 'wo':
+      # IA3 scales the MLP hidden: the input of the output projection.
+      x = x * self._ia3_scale(in_shape, self.kernel_axes[:n_in], axis, x.ndim)
     contract = (axis, tuple(range(len(axis))))
     y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
     # dot_general puts the uncontracted input dims first, then the features.
+    if method == cfg.PeftMethod.LORA:
+      y = y + self._lora_delta(x, axis, in_shape, features)
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(
           nn.initializers.zeros_init(), self.kernel_axes[len(in_shape):]),
                         features, self.param_dtype)
       y = y + jnp.asarray(bias, self.dtype)
+    if method == cfg.PeftMethod.IA3 and self.name != 'wo':
+      y = y * jnp.asarray(self.param('ia3_scale', nn.with_logical_partitioning(
+          nn.initializers.ones_init(), self.kernel_axes[n_in:]), features, self.param_dtype),
+                          self.dtype)
     return y
+
+  def _peft_method(self) -> Optional[cfg.PeftMethod]:
+    """LoRA or IA3 when this layer's path matches the PEFT targets, else None."""
+    p = self.peft
+    if p is None or p.method not in (cfg.PeftMethod.LORA, cfg.PeftMethod.IA3):
+      return None
+    return p.method if re.search(p.targets, '/'.join(self.path)) else None
+
+  def _ia3_scale(self, in_shape, names, axis, ndim) -> Array:
+    scale = jnp.asarray(self.param('ia3_scale', nn.with_logical_partitioning(
+        nn.initializers.ones_init(), names), in_shape, self.param_dtype), self.dtype)
+    # Broadcast over x's dims: the scale's dims sit at `axis`.
+    shape = [1] * ndim
+    for a, d in zip(axis, in_shape):
+      shape[a] = d
+    return scale.reshape(shape)
+
+  def _lora_delta(self, x: Array, axis, in_shape, features) -> Array:
+    """(alpha / r) * (dropout(x) . A) . B: A [in..., rank], B [rank, out...] (B starts at 0)."""
+    p = self.peft
+    fan_in, fan_out = math.prod(in_shape), math.prod(features)
+    if p.rank > min(fan_in, fan_out):
+      raise cfg.ConfigError(
+          f'PeftConfig.rank={p.rank} is larger than dense layer {"/".join(self.path)} '
+          f'({fan_in} -> {fan_out}): lower the rank or leave {self.name} out of '
+          'PeftConfig.targets')
+    n_in = len(in_shape)
+
+    def init_a(key, shape, dtype):
+      # Kaiming-uniform (bound 1/sqrt(fan_in)), as the LoRA and PEFT references.
+      flat = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')(
+          key, (fan_in, p.rank), dtype)
+      return flat.reshape(shape)
+
+    a = self.param('lora_a', nn.with_logical_partitioning(
+        init_a, tuple(self.kernel_axes[:n_in]) + (ax.ADAPTER,)), in_shape + (p.rank,),
+                   self.param_dtype)
+    b = self.param('lora_b', nn.with_logical_partitioning(
+        nn.initializers.zeros_init(), (ax.ADAPTER,) + tuple(self.kernel_axes[n_in:])),
+                   (p.rank,) + features, self.param_dtype)
+    h = nn.Dropout(p.dropout)(x, deterministic=self.deterministic or p.dropout == 0.0)
+    h = jax.lax.dot_general(h, jnp.asarray(a, self.dtype),
+                            ((axis, tuple(range(n_in))), ((), ())))  # [..., rank]
+    delta = jax.lax.dot_general(h, jnp.asarray(b, self.dtype),
+                                (((h.ndim - 1,), (0,)), ((), ())))  # [..., out...]
+    return delta * jnp.asarray(p.lora_scale, self.dtype)
 
 
 class Embed(nn.Module):
@@ -289,12 +349,14 @@ class MlpBlock(nn.Module):
   param_dtype: Any = jnp.float32
   init_scale: float = 1.0  # DeepNorm beta on both projections
   gelu_approximate: bool = True  # tanh GELU; False: exact (erf)
+  peft: Optional[cfg.PeftConfig] = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     emb = x.shape[-1]
     dense = functools.partial(DenseGeneral, use_bias=self.use_bias, dtype=self.dtype,
-                              param_dtype=self.param_dtype, init_scale=self.init_scale)
+                              param_dtype=self.param_dtype, init_scale=self.init_scale,
+                              peft=self.peft, deterministic=self.deterministic)
     act = activation(self.kind, self.gelu_approximate)
     if self.kind.gated:
       h = act(dense((self.mlp_dim,), (ax.EMBED, ax.MLP), name='wi_0')(x))
@@ -304,3 +366,22 @@ class MlpBlock(nn.Module):
     h = nn.with_logical_constraint(h, (ax.BATCH, ax.LENGTH, ax.MLP))  # [batch, length, mlp]
     h = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(h, deterministic=self.deterministic)
     return dense((emb,), (ax.MLP, ax.EMBED), name='wo')(h)
+
+
+class Adapter(nn.Module):
+  """Houlsby's bottleneck adapter: x + up(gelu(down(x))) over [..., embed].
+
+  `up` starts at zero, so a fresh adapter is the identity.
+  """
+  dim: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    dense = functools.partial(DenseGeneral, use_bias=True, dtype=self.dtype,
+                              param_dtype=self.param_dtype)
+    h = jax.nn.gelu(dense((self.dim,), (ax.EMBED, ax.ADAPTER), name='down')(x))
+    up = dense((x.shape[-1],), (ax.ADAPTER, ax.EMBED), kernel_init=nn.initializers.zeros_init(),
+               name='up')(h)
+    return x + up.astype(x.dtype)

@@ -8,6 +8,7 @@ seam DPO and reward models build on).
 """
 
 import abc
+import copy
 import dataclasses
 import functools
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -22,6 +23,8 @@ from models import config as cfg
 from models import losses
 from models import metrics as metrics_lib
 from models import moe as moe_lib
+from models import param_count
+from models import peft
 from models import transformer
 from partitioning import axes as ax
 
@@ -99,13 +102,39 @@ class BaseModel(abc.ABC):
 
   def init_variables(self, rng: Array, batch: Batch):
     """Boxed (logically partitioned) variables; call under jit / eval_shape."""
-    return self.module.init({'params': rng}, **self._module_inputs(batch))
+    variables = self.module.init({'params': rng}, **self._module_inputs(batch))
+    peft.check(self.config.peft, variables['params'])  # paths only: fine on abstract values
+    return variables
+
+  def trainable_pattern(self) -> Optional[str]:
+    """The parameters training updates by default (a regular expression of paths):
+    those of the PEFT method, or None: all."""
+    return peft.trainable_pattern(self.config.peft)
+
+  def added_pattern(self) -> Optional[str]:
+    """The parameters a checkpoint of the base model lacks (the PEFT method's)."""
+    return peft.added_pattern(self.config.peft)
+
+  def without_peft(self) -> 'BaseModel':
+    """The same model without its PEFT parameters (the base it started from)."""
+    base = copy.copy(self)
+    base.config = dataclasses.replace(self.config, peft=None)
+    base.module = base._make_module(base.config)
+    base._train_module = base.module.clone(deterministic=False)
+    base.__dict__.pop('_decode_module', None)
+    return base
+
+  def flops_per_example(self, feature_lengths: Mapping[str, int]) -> float:
+    """Training FLOPs of one example (forward and backward)."""
+    return param_count.train_flops_per_example(self.config, feature_lengths.get('inputs', 0),
+                                               feature_lengths['targets'])
 
   @property
   def needs_rng(self) -> bool:
     """Whether training draws randomness (dropout, router jitter)."""
     c = self.config
-    return c.dropout_rate > 0.0 or (c.num_experts > 0 and c.router_jitter > 0.0)
+    return (c.dropout_rate > 0.0 or (c.num_experts > 0 and c.router_jitter > 0.0) or
+            (c.peft is not None and c.peft.method == cfg.PeftMethod.LORA and c.peft.dropout > 0))
 
   def apply_with_stats(self, params, batch: Batch, dropout_rng: Optional[Array] = None
                        ) -> Tuple[Array, Dict[str, Array]]:
@@ -277,12 +306,24 @@ class DecoderOnlyModel(BaseModel):
   FEATURES = ('decoder_input_tokens', 'decoder_target_tokens', 'decoder_loss_weights')
   OPTIONAL_FEATURES = ('decoder_positions', 'decoder_segment_ids', 'decoder_causal_attention')
 
-  def __init__(self, config: cfg.DecoderConfig, inputs_bidirectional_attention: bool = False,
-               **kwargs):
-    """inputs_bidirectional_attention: decode as a prefix-LM (the prompt attends
-    to itself bidirectionally, as `decoder_causal_attention` marks it in training)."""
+  def __init__(self, config: cfg.DecoderConfig,
+               inputs_bidirectional_attention: Optional[bool] = None, **kwargs):
+    """inputs_bidirectional_attention: True: a prefix-LM, in training (where
+    batches mark the prompt with `decoder_causal_attention`) and in decoding and
+    scoring; False: causal everywhere, the batches' prefix marks ignored (e.g.
+    supervised fine-tuning of a causal LM on prompt/response pairs); None:
+    training follows the batches, decoding is causal."""
     super().__init__(config, **kwargs)
+    if inputs_bidirectional_attention not in (None, True, False):
+      raise cfg.ConfigError(f'DecoderOnlyModel.inputs_bidirectional_attention='
+                            f'{inputs_bidirectional_attention!r} must be True, False or None')
     self.inputs_bidirectional_attention = inputs_bidirectional_attention
+
+  def _module_inputs(self, batch):
+    inputs = super()._module_inputs(batch)
+    if self.inputs_bidirectional_attention is False:
+      inputs.pop('decoder_causal_attention', None)
+    return inputs
 
   def _make_module(self, config):
     return transformer.DecoderOnly(config)

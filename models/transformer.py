@@ -88,7 +88,7 @@ class TransformerLayer(nn.Module):
         use_bias=c.use_bias if c.attention_bias is None else c.attention_bias,
         dropout_rate=c.dropout_rate,
         deterministic=self.deterministic, dtype=c.compute_dtype, param_dtype=c.params_dtype,
-        value_init_scale=beta)
+        value_init_scale=beta, peft=c.peft)
     self_attention = make_attention(position_encoding=c.position_encoding, name='self_attention')
     if self.moe:
       moe_block = moe_lib.MoeBlock(
@@ -104,7 +104,7 @@ class TransformerLayer(nn.Module):
       mlp = layers.MlpBlock(c.mlp_dim, c.mlp, use_bias=c.use_bias, dropout_rate=c.dropout_rate,
                             deterministic=self.deterministic, dtype=c.compute_dtype,
                             param_dtype=c.params_dtype, init_scale=beta,
-                            gelu_approximate=c.gelu_approximate, name='mlp')
+                            gelu_approximate=c.gelu_approximate, peft=c.peft, name='mlp')
     drop = lambda y: nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))(
         y, deterministic=self.deterministic)
     x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.EMBED))
@@ -117,6 +117,13 @@ class TransformerLayer(nn.Module):
       return make_attention(position_encoding=cfg.PositionEncoding.NONE,
                             cross_attention=True, name='cross_attention')(
           y, encoded, q_ctx=ctx, kv_ctx=enc_ctx, causal=False)
+
+    if c.peft is not None and c.peft.method == cfg.PeftMethod.ADAPTERS:
+      # Houlsby adapters on the attention and MLP outputs, before the residual add.
+      self_attend = _adapted(self_attend, layers.Adapter(
+          c.peft.adapter_dim, c.compute_dtype, c.params_dtype, name='adapter_attention'))
+      mlp = _adapted(mlp, layers.Adapter(c.peft.adapter_dim, c.compute_dtype, c.params_dtype,
+                                         name='adapter_mlp'))
 
     if c.parallel_block:
       y = layers.make_norm(c, 'pre_norm')(x)
@@ -137,6 +144,10 @@ class TransformerLayer(nn.Module):
       x = layers.make_norm(c, 'post_mlp_norm')(alpha * x + drop(mlp(x)))
     x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.EMBED))
     return x, None
+
+
+def _adapted(f, adapter):
+  return lambda y: adapter(f(y))
 
 
 class Stack(nn.Module):
@@ -269,7 +280,8 @@ class Decoder(_StackIO):
         logits = logits / jnp.sqrt(jnp.asarray(c.emb_dim, c.compute_dtype))
     else:
       logits = layers.DenseGeneral((c.vocab_size,), (ax.EMBED, ax.VOCAB), dtype=c.compute_dtype,
-                                   param_dtype=c.params_dtype, name='logits_dense')(x)
+                                   param_dtype=c.params_dtype, peft=c.peft,
+                                   deterministic=self.deterministic, name='logits_dense')(x)
     logits = nn.with_logical_constraint(logits, (ax.BATCH, ax.LENGTH, ax.VOCAB))
     return logits.astype(jnp.float32)  # [batch, length, vocab]
 

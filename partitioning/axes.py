@@ -17,9 +17,10 @@ LAYERS = 'layers'  # the stacked-layer axis that nn.scan adds to parameters
 RELPOS_BUCKETS = 'relpos_buckets'  # T5 relative-position buckets
 ABSPOS = 'abspos'  # rows of a learned absolute position table
 EXPERT = 'expert'  # mixture-of-experts experts
+ADAPTER = 'adapter'  # fine-tuning's small dims: LoRA rank, adapter bottleneck, virtual tokens
 
 LOGICAL = (BATCH, LENGTH, EMBED, MLP, HEADS, KV_HEADS, HEAD_DIM, VOCAB, LAYERS,
-           RELPOS_BUCKETS, ABSPOS, EXPERT)
+           RELPOS_BUCKETS, ABSPOS, EXPERT, ADAPTER)
 
 # Mesh axes (physical): what the logical names above are mapped onto.
 DATA = 'data'  # pure data parallelism: batch split, parameters replicated

@@ -48,5 +48,6 @@ def standard_rules(fsdp: bool = True,
       (ax.LAYERS, None),
       (ax.RELPOS_BUCKETS, None),
       (ax.ABSPOS, None),
+      (ax.ADAPTER, None),  # small: replicated
   ]
   return tuple(extra or ()) + tuple(rules)

@@ -28,11 +28,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import zlib
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+from flax import traverse_util
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -368,21 +370,51 @@ class InitialCheckpoint(abc.ABC):
 
 
 class ParamsCheckpoint(InitialCheckpoint):
-  """The parameters of a run of the same model, copied as they are."""
+  """The parameters of a run of the same model, copied as they are.
+
+  Args:
+    path, setting: as `InitialCheckpoint`.
+    added: a regular expression of parameter paths ('/'-joined) the model adds
+      to the checkpoint's (a PEFT method's LoRA factors, adapters, ...): those
+      the checkpoint lacks keep their fresh initialisation; every other
+      parameter must be there with the same shape.
+  """
+
+  def __init__(self, path: str, setting: str = 'train.initial_checkpoint',
+               added: Optional[str] = None):
+    super().__init__(path, setting)
+    self.added = added
+    self._fresh: List[str] = []
 
   def _check(self, saved, abstract_params):
     fix = (f'use the same model config as the run that wrote it ({self.setting} loads '
            'params only)')
-    _compare(_flat_shapes(saved), _flat_shapes(abstract_params), self.step, self.directory, fix)
+    saved_flat, want_flat = _flat_shapes(saved), _flat_shapes(abstract_params)
+    if self.added is not None:
+      regex = re.compile(self.added)
+      self._fresh = [k for k in want_flat if k not in saved_flat and regex.search(k)]
+      want_flat = {k: v for k, v in want_flat.items() if k not in self._fresh}
+    _compare(saved_flat, want_flat, self.step, self.directory, fix)
 
   def restore(self, params):
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             params)
-    return restore_params(self.directory, self.step, abstract)
+    if not self._fresh:
+      return restore_params(self.directory, self.step, abstract)
+    flat_abstract = traverse_util.flatten_dict(abstract, sep='/')
+    fresh = set(self._fresh)
+    wanted = traverse_util.unflatten_dict(
+        {k: v for k, v in flat_abstract.items() if k not in fresh}, sep='/')
+    restored = traverse_util.flatten_dict(restore_params(self.directory, self.step, wanted),
+                                          sep='/')
+    flat_params = traverse_util.flatten_dict(params, sep='/')
+    return traverse_util.unflatten_dict({k: restored.get(k, flat_params[k]) for k in flat_params},
+                                        sep='/')
 
   def describe(self):
+    added = f'; {len(self._fresh)} added parameters initialised fresh' if self._fresh else ''
     return (f'initialised parameters from {self.directory} step {self.step} (fresh optimizer '
-            'and data)')
+            f'and data{added})')
 
 
 # --- digests -----------------------------------------------------------------------

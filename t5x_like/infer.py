@@ -386,8 +386,11 @@ def infer(*,
     r['settings'] = settings
   if jax.process_index() == 0:
     write_jsonl(output_file, records)
-  return {'records': records, 'output_file': output_file, 'step': ckpt.step,
-          'checkpoint': ckpt.directory}
+  result = {'records': records, 'output_file': output_file, 'step': ckpt.step,
+            'checkpoint': ckpt.directory}
+  if mode == 'predict' and exact_match(records) is not None:
+    result['exact_match'] = exact_match(records)
+  return result
 
 
 def _check_settings(args: Mapping[str, Any]) -> None:
@@ -522,6 +525,15 @@ def _predict(model, params, partitioner, vocabulary, examples, batch_size, confi
   return records
 
 
+def exact_match(records: Sequence[Mapping[str, Any]]) -> Optional[float]:
+  """The share of predictions equal to their target (surrounding space ignored); None
+  without targets."""
+  known = [r for r in records if 'target' in r and 'output' in r]
+  if not known:
+    return None
+  return sum(r['output'].strip() == r['target'].strip() for r in known) / len(known)
+
+
 def _score(model, params, partitioner, examples, batch_size):
   records = []
   for e, per_token in zip(examples, score_tokens(model, params, partitioner, examples,
@@ -557,6 +569,8 @@ def _report(result: Dict[str, Any]) -> None:
   records = result['records']
   loop.chief_print(f'wrote {len(records)} records to {result["output_file"]} (checkpoint '
                    f'{result["checkpoint"]} step {result["step"]})')
+  if 'exact_match' in result:
+    loop.chief_print(f'exact match with the targets: {result["exact_match"]:.3f}')
   for r in records[:3]:
     if 'output' in r:
       loop.chief_print(f'  {r["input"]!r} -> {r["output"]!r}')

@@ -15,6 +15,7 @@ if __name__ == '__main__':  # `python -m t5x_like.train`: honour SIGTERM before 
 import dataclasses
 import logging
 import os
+import re
 import time
 from typing import Any, Dict, Optional, Sequence, Union
 
@@ -25,6 +26,7 @@ import numpy as np
 from models import config as model_config
 from models import model as model_lib
 from models import param_count
+from models import preference
 from partitioning import partitioner as partitioner_lib
 from t5x_like import checkpoints
 from t5x_like import cli
@@ -69,6 +71,7 @@ def train(*,
           allow_data_changes: bool = False,
           initial_checkpoint: Union[str, checkpoints.InitialCheckpoint, None] = None,
           initial_checkpoint_upcycle: bool = False,
+          trainable_params: Optional[str] = None,
           spike_recovery: Optional[loop.SpikePolicy] = None,
           samples: int = 0,
           sample_prompt_length: int = 32,
@@ -105,6 +108,10 @@ def train(*,
     initial_checkpoint_upcycle: `initial_checkpoint` is a run of the dense
       version of this MoE model: copy each dense MLP into every expert of the
       corresponding MoE layer (sparse upcycling, `t5x_like/upcycle.py`).
+    trainable_params: a regular expression of the parameter paths to train
+      (e.g. 'lora_|decoder_norm'); the others are frozen: no gradient, no
+      optimizer state, bit-identical after training. None: the parameters the
+      model's PEFT method adds (`DecoderConfig.peft`), or all without one.
     spike_recovery: roll back past loss spikes (`loop.SpikePolicy`); None: a
       non-finite loss or state stops the run.
     samples: at the end, print this many sampled continuations of the
@@ -134,7 +141,7 @@ def train(*,
   loss_groups = denoisers.loss_groups(train_dataset.mixture_or_task_name)
   trainer = trainer_lib.Trainer(model, optimizer, partitioner, shapes,
                                 num_microbatches=num_microbatches, seed=seed,
-                                loss_groups=loss_groups)
+                                loss_groups=loss_groups, trainable_params=trainable_params)
   eval_dataset = None
   if eval_split:
     eval_dataset = dataclasses.replace(train_dataset, split=eval_split, shuffle=False)
@@ -152,15 +159,19 @@ def train(*,
   start_step = resumed.step if resumed else 0
 
   lengths = train_dataset.task_feature_lengths
-  flops_per_step = train_dataset.batch_size * param_count.train_flops_per_example(
-      model.config, lengths.get('inputs', 0), lengths['targets'])
+  flops_per_step = train_dataset.batch_size * model.flops_per_example(lengths)
   tokens_per_step = int(sum(np.prod(v) for k, v in shapes.items()
-                            if k in ('decoder_target_tokens', 'encoder_input_tokens')))
+                            if k.endswith(('decoder_target_tokens', 'encoder_input_tokens'))))
   loop.chief_print(
       f'model: {type(model).__name__} with {trainer.num_params:,} parameters (analytic '
       f'{param_count.analytic_param_count(model.config):,}); mesh {dict(partitioner.mesh.shape)} '
       f'on {jax.device_count()} {jax.devices()[0].platform} devices, {jax.process_count()} '
       'process(es)')
+  if trainer.partial:
+    loop.chief_print(
+        f'training {trainer.num_trainable_params:,} of them '
+        f'({100 * trainer.num_trainable_params / trainer.num_params:.2f}%, parameters matching '
+        f'{trainer.trainable_pattern!r}); the rest are frozen')
   loop.chief_print(
       f'data: {train_dataset.mixture_or_task_name} {dict(lengths)}, global batch '
       f'{train_dataset.batch_size}, {tokens_per_step:,} tokens/step' +
@@ -207,7 +218,10 @@ def train(*,
     else:
       state = trainer.init_state()
       if initial is not None:
-        state = state.replace(params=initial.restore(state.params))
+        params = initial.restore(state.params)
+        if hasattr(model, 'with_reference'):  # DPO's frozen reference: the restored policy
+          params = model.with_reference(params)
+        state = state.replace(params=params)
         loop.chief_print(initial.describe())
 
     spike = None
@@ -308,6 +322,13 @@ def _check_settings(args: Dict[str, Any]) -> None:
   for flag in ('async_checkpointing', 'allow_data_changes', 'initial_checkpoint_upcycle',
                'evaluate_if_done', 'tensorboard'):
     utils.check_bool(_setting(flag, args[flag]), args[flag])
+  if args['trainable_params'] is not None:
+    try:
+      re.compile(args['trainable_params'])
+    except (re.error, TypeError) as e:
+      name = _setting('trainable_params', args['trainable_params'])
+      raise utils.InputError(f'{name}={args["trainable_params"]!r} is not a regular expression '
+                             f"({e}): use e.g. 'lora_|decoder_norm', or None") from None
   if args['spike_recovery'] is not None and not isinstance(args['spike_recovery'],
                                                            loop.SpikePolicy):
     name = _setting('spike_recovery', args['spike_recovery'])
@@ -318,7 +339,7 @@ def _check_settings(args: Dict[str, Any]) -> None:
     name = _setting('sample_decoding', args['sample_decoding'])
     raise utils.InputError(f'{name}={args["sample_decoding"]!r} must be '
                            '@decoding.DecodingConfig() or None')
-  utils.check_types(args, (('model', model_lib.BaseModel),
+  utils.check_types(args, (('model', (model_lib.BaseModel, preference.DpoModel)),
                            ('train_dataset', pipeline.DatasetConfig),
                            ('optimizer', optimizers.Optimizer),
                            ('partitioner', partitioner_lib.Partitioner)),
@@ -384,7 +405,8 @@ def _initial_checkpoint(initial_checkpoint, upcycle_flag: bool, model
     return initial_checkpoint
   if upcycle_flag:
     return upcycle.UpcycleCheckpoint(initial_checkpoint, model.config)
-  return checkpoints.ParamsCheckpoint(initial_checkpoint)
+  # A PEFT model starts from its base: the parameters the method adds start fresh.
+  return checkpoints.ParamsCheckpoint(initial_checkpoint, added=model.added_pattern())
 
 
 def run(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> Dict[str, Any]:
@@ -410,8 +432,12 @@ def _report(result: Dict[str, Any]) -> None:
   if result.get('eval'):
     first = result.get('first_eval', {}).get('loss')
     drop = f' (from {first:.4f} at step 0, {100 * (1 - result["eval"]["loss"] / first):.1f}% lower)' if first else ''
-    loop.chief_print(f'done: step {result["step"]}, validation loss {result["eval"]["loss"]:.4f}{drop}, '
-           f'accuracy {result["eval"]["accuracy"]:.4f}, perplexity {result["eval"]["perplexity"]:.2f}')
+    ev = result['eval']
+    extra = ''.join(f', {name} {ev[key]:{fmt}}' for name, key, fmt in (
+        ('accuracy', 'accuracy', '.4f'), ('perplexity', 'perplexity', '.2f'),
+        ('reward accuracy', 'rewards/accuracy', '.3f'), ('reward margin', 'rewards/margin', '.3f'),
+        ('KL to the reference', 'kl', '.4f')) if key in ev)
+    loop.chief_print(f'done: step {result["step"]}, validation loss {ev["loss"]:.4f}{drop}{extra}')
 
 
 def console_main(argv: Optional[Sequence[str]] = None) -> None:

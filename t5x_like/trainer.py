@@ -19,10 +19,12 @@ import optax
 
 from models import metrics as metrics_lib
 from models import model as model_lib
+from models import peft
 from partitioning import axes as ax
 from partitioning import partitioner as partitioner_lib
 from t5x_like import checkpoints
 from t5x_like import optimizers
+from t5x_like import utils
 
 Array = jax.Array
 @flax.struct.dataclass
@@ -78,7 +80,8 @@ def eval_metrics(model: model_lib.BaseModel, params, batch: Mapping[str, Array],
   """The model's metrics on one batch, `loss` being the cross-entropy alone
   (z-loss and router losses are regularisers, not part of the likelihood)."""
   _, metrics = model.loss_fn(params, batch, None, token_groups)
-  metrics['loss'] = metrics['cross_entropy'].replace(console=metrics['loss'].console)
+  if 'cross_entropy' in metrics:  # (a preference model's loss has no likelihood part)
+    metrics['loss'] = metrics['cross_entropy'].replace(console=metrics['loss'].console)
   return metrics
 
 
@@ -95,13 +98,21 @@ class Trainer:
     seed: seeds parameter init and dropout (dropout key = fold_in(seed, step)).
     loss_groups: name -> first input token (e.g. UL2 mode tokens): the
       cross-entropy of each group's examples is reported as metric `loss/<name>`.
+    trainable_params: a regular expression searched in each parameter's
+      '/'-joined path (e.g. 'lora_|decoder_norm'): only those parameters get
+      gradients and optimizer state, the rest stay bit-identical. None: the
+      model's PEFT method's parameters (`models.peft.trainable_pattern`), or
+      every parameter without one.
   """
 
   def __init__(self, model: model_lib.BaseModel, optimizer: optimizers.Optimizer,
                partitioner: partitioner_lib.Partitioner,
                batch_shapes: Mapping[str, Tuple[int, ...]], num_microbatches: int = 1,
-               seed: int = 0, loss_groups: Optional[Mapping[str, int]] = None):
+               seed: int = 0, loss_groups: Optional[Mapping[str, int]] = None,
+               trainable_params: Optional[str] = None):
     self.model = model
+    self.trainable_pattern = (trainable_params if trainable_params is not None else
+                              model.trainable_pattern())
     self.loss_groups = dict(loss_groups or {})
     self.optimizer = optimizer
     self.partitioner = partitioner
@@ -139,8 +150,11 @@ class Trainer:
     self.param_logical_specs = nn.get_partition_spec(boxed)
     param_shardings = p.boxed_shardings(boxed)
     abstract_params = nn.unbox(boxed)
-    abstract_opt = jax.eval_shape(self.optimizer.tx.init, abstract_params)
-    opt_shardings = p.derived_shardings(abstract_opt, abstract_params, param_shardings)
+    self._check_trainable(abstract_params)
+    trainable_abstract = self.trainable(abstract_params)
+    abstract_opt = jax.eval_shape(self.optimizer.tx.init, trainable_abstract)
+    opt_shardings = p.derived_shardings(abstract_opt, trainable_abstract,
+                                        self.trainable(param_shardings))
     self.state_shardings = TrainState(step=p.replicated(), params=param_shardings,
                                       opt_state=opt_shardings)
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
@@ -153,13 +167,38 @@ class Trainer:
   def num_params(self) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.abstract_state.params)))
 
+  @property
+  def num_trainable_params(self) -> int:
+    return int(sum(np.prod(x.shape) for x in
+                   jax.tree.leaves(self.trainable(self.abstract_state.params))))
+
+  def _check_trainable(self, abstract_params) -> None:
+    mask = peft.mask(abstract_params, self.trainable_pattern)
+    self.partial = not all(mask.values())
+    if not any(mask.values()):
+      names = sorted({k.rsplit('/', 1)[-1] for k in mask})
+      raise utils.InputError(
+          f'train.trainable_params={self.trainable_pattern!r} matches no parameter (their '
+          f'names: {", ".join(names)}): set it to a pattern of parameter paths, or None')
+
+  def trainable(self, params):
+    """The trained part of a parameter tree (all of it without a partition)."""
+    return peft.split(params, self.trainable_pattern)[0] if self.partial else params
+
+  def frozen(self, params):
+    """The frozen part of a parameter tree (empty without a partition)."""
+    return peft.split(params, self.trainable_pattern)[1] if self.partial else {}
+
+  def combine(self, trainable, frozen):
+    return peft.combine(trainable, frozen) if self.partial else trainable
+
   def init_state(self) -> TrainState:
     """Initialises directly into the sharded layout (no full copy on one device)."""
     if self._jit_init is None:
       def init(rng):
         params = nn.unbox(self._init_params_boxed(rng))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=self.optimizer.tx.init(params))
+                          opt_state=self.optimizer.tx.init(self.trainable(params)))
       self._jit_init = jax.jit(init, out_shardings=self.state_shardings)
     with self.partitioner.context():
       return self._jit_init(jax.random.PRNGKey(self.seed))
@@ -168,13 +207,19 @@ class Trainer:
   def _token_groups(self, batch):
     return first_token_groups(batch, self.loss_groups) if self.loss_groups else None
 
-  def _grads(self, params, batch, rng) -> Tuple[Any, Array, metrics_lib.Metrics]:
-    """Summed grads, loss sum and merged metrics over the microbatches of `batch`."""
+  def _grads(self, params, batch, rng, frozen=None) -> Tuple[Any, Array, metrics_lib.Metrics]:
+    """Summed grads (of `params`, the trained part when `frozen` is given), loss sum
+    and merged metrics over the microbatches of `batch`."""
     dropout = self.model.needs_rng
+
+    def loss_fn(p, mb, key, groups):
+      # Differentiated in the trained parameters only: no gradient of a frozen one is formed.
+      return self.model.loss_fn(p if frozen is None else self.combine(p, frozen), mb, key,
+                                groups)
 
     def one(mb, i):
       key = jax.random.fold_in(rng, i) if dropout else None
-      (loss_sum, metrics), grads = jax.value_and_grad(self.model.loss_fn, has_aux=True)(
+      (loss_sum, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
           params, mb, key, self._token_groups(mb))
       grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
       return grads, loss_sum, metrics
@@ -206,15 +251,18 @@ class Trainer:
     change the update.
     """
     rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), state.step)
-    grads, _, metrics = self._grads(state.params, batch, rng)
+    trained, frozen = self.trainable(state.params), self.frozen(state.params)
+    grads, _, metrics = self._grads(trained, batch, rng, frozen if self.partial else None)
     denom = jnp.maximum(metrics['loss'].weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    updates, opt_state = self.optimizer.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = self.optimizer.tx.update(grads, state.opt_state, trained)
+    trained = optax.apply_updates(trained, updates)
+    # Frozen parameters pass through untouched (aliased to the donated input).
+    params = self.combine(trained, frozen)
     # One fused reduction over the new state: a NaN or infinity in the parameters
     # or the optimizer state (e.g. from an overflowing update, with a finite loss)
-    # stops the run before that state can be checkpointed.
-    finite = checkpoints.all_finite((params, opt_state))
+    # stops the run before that state can be checkpointed. (Frozen ones cannot change.)
+    finite = checkpoints.all_finite((trained, opt_state))
     metrics.update(
         nonfinite_state=metrics_lib.Last(1.0 - finite.astype(jnp.float32)),
         grad_norm=metrics_lib.Last(optax.tree.norm(grads)),

@@ -82,8 +82,9 @@ def check_types(args: Mapping[str, Any], expected, setting: Callable[[str, Any],
   otherwise one line naming the setting (`setting(name, value)`) and `fix`."""
   for name, cls in expected:
     if not isinstance(args[name], cls):
+      names = ' or '.join(c.__name__ for c in (cls if isinstance(cls, tuple) else (cls,)))
       raise InputError(f'{setting(name, args[name])} is {type(args[name]).__name__}, not a '
-                       f'{cls.__name__}: {fix.format(cls=cls.__name__)}')
+                       f'{names}: {fix.format(cls=names)}')
 
 
 def nearest_existing(path: str) -> str:

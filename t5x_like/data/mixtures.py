@@ -26,6 +26,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import seqio
 
+from t5x_like.data import registry
+
 from t5x_like.data import sources
 
 
@@ -37,7 +39,8 @@ RATE_BY = ('equal', 'examples', 'characters')
 
 
 def registered_names() -> list:
-  return sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+  return sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()) |
+                set(registry.lazy_names()))
 
 
 def similar_names(name: str) -> list:

@@ -16,9 +16,12 @@ import seqio
 import tensorflow as tf
 
 from models import model as model_lib
+from models import preference
 from t5x_like import gin_utils
 from t5x_like import utils
 from t5x_like.data import mixtures
+from t5x_like.data import preferences
+from t5x_like.data import registry
 from t5x_like.data import tasks  # pylint: disable=unused-import  (registers the corpus tasks)
 
 
@@ -73,6 +76,7 @@ class DatasetConfig:
 
 
 def get_mixture_or_task(name: str):
+  registry.ensure(name)
   try:
     return seqio.get_mixture_or_task(name)
   except ValueError:
@@ -85,6 +89,8 @@ def get_mixture_or_task(name: str):
 def feature_converter(model: model_lib.BaseModel, task_feature_lengths: Mapping[str, int],
                       pack: bool) -> seqio.FeatureConverter:
   """The seqio converter that produces `model`'s features."""
+  if isinstance(model, preference.DpoModel):
+    return preferences.PairedFeatureConverter(model.encoder_decoder, pack)
   if isinstance(model, model_lib.EncoderDecoderModel):
     if 'inputs' not in task_feature_lengths:
       raise DataError("an encoder-decoder needs an 'inputs' feature length: set "

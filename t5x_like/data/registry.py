@@ -5,7 +5,7 @@ denoisers) both import this module and not each other.
 """
 
 import functools
-from typing import Mapping, Sequence
+from typing import Callable, Dict, Mapping, Sequence
 
 import seqio
 
@@ -26,3 +26,22 @@ def register_seqio_task(name: str, source: seqio.DataSource, preprocessors: Sequ
   return seqio.TaskRegistry.add(name, source=source, preprocessors=preprocessors,
                                 output_features=output_features, metric_fns=[],
                                 shuffle_buffer_size=shuffle_buffer_size)
+
+
+# Tasks built on first use (their data takes seconds to make): name -> registering function.
+_LAZY: Dict[str, Callable[[], str]] = {}
+
+
+def register_lazy(name: str, register: Callable[[], str]) -> None:
+  """`register()` registers task `name` when it is first looked up (`ensure`)."""
+  _LAZY[name] = register
+
+
+def ensure(name: str) -> None:
+  """Registers `name` now if it is a lazily registered task not yet in seqio's registry."""
+  if name in _LAZY and name not in seqio.TaskRegistry.names():
+    _LAZY[name]()
+
+
+def lazy_names() -> Sequence[str]:
+  return sorted(_LAZY)

@@ -24,7 +24,9 @@ import tensorflow as tf
 
 from t5x_like.data import corpus
 from t5x_like.data import denoisers
+from t5x_like.data import instructions  # pylint: disable=unused-import  (stdlib_instructions)
 from t5x_like.data import mixtures
+from t5x_like.data import preferences  # pylint: disable=unused-import  (stdlib_preferences)
 from t5x_like.data import preprocessors as prep
 from t5x_like.data import registry
 from t5x_like.data import sources

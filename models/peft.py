@@ -1,0 +1,156 @@
+"""Parameter-efficient fine-tuning: which parameters train, and LoRA merging.
+
+The methods themselves live where the parameters are used: LoRA and IA3 in
+`layers.DenseGeneral` (the one dense constructor), adapters in
+`transformer.TransformerLayer`; `config.PeftConfig` chooses them. This module
+works on parameter trees (nested dicts), by '/'-joined paths such as
+'decoder/stack/layers/self_attention/query/lora_a':
+
+  trainable_pattern(peft)       the parameters a PEFT method trains
+  split(params, pattern)        -> (trainable, frozen) sub-trees; `combine` joins them
+  check(peft, params)           one-line errors for targets that match nothing, ...
+  merge_lora / unmerge_lora     fold B A into the base kernels (and back)
+"""
+
+import difflib
+import re
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from models import config as cfg
+
+Params = Mapping[str, Any]
+
+# The parameters each method adds and trains (searched in the parameter path).
+_TRAINABLE = {
+    cfg.PeftMethod.LORA: r'(^|/)lora_[ab]$',
+    cfg.PeftMethod.IA3: r'(^|/)ia3_scale$',
+    cfg.PeftMethod.ADAPTERS: r'(^|/)adapter_(attention|mlp)/',
+    cfg.PeftMethod.BITFIT: r'(^|/)bias$',
+}
+# The parameters each method adds (the rest come from the base checkpoint).
+_ADDED = {
+    cfg.PeftMethod.LORA: _TRAINABLE[cfg.PeftMethod.LORA],
+    cfg.PeftMethod.IA3: _TRAINABLE[cfg.PeftMethod.IA3],
+    cfg.PeftMethod.ADAPTERS: _TRAINABLE[cfg.PeftMethod.ADAPTERS],
+    cfg.PeftMethod.BITFIT: None,
+}
+
+
+def trainable_pattern(peft: Optional[cfg.PeftConfig]) -> Optional[str]:
+  """The regular expression of the parameters `peft` trains; None: all of them."""
+  return None if peft is None else _TRAINABLE[peft.method]
+
+
+def added_pattern(peft: Optional[cfg.PeftConfig]) -> Optional[str]:
+  """The regular expression of the parameters `peft` adds to the base model (None: none)."""
+  return None if peft is None else _ADDED[peft.method]
+
+
+def flat(params: Params) -> Dict[str, Any]:
+  """path -> leaf, paths '/'-joined."""
+  return traverse_util.flatten_dict(dict(params), sep='/')
+
+
+def unflat(flat_params: Mapping[str, Any]) -> Dict[str, Any]:
+  return traverse_util.unflatten_dict(dict(flat_params), sep='/')
+
+
+def mask(params: Params, pattern: Optional[str]) -> Dict[str, bool]:
+  """path -> whether `pattern` (None: everything) is found in it."""
+  regex = None if pattern is None else re.compile(pattern)
+  return {k: regex is None or bool(regex.search(k)) for k in flat(params)}
+
+
+def split(params: Params, pattern: Optional[str]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  """(trainable, frozen): the sub-trees of the leaves whose path `pattern` matches, and the rest."""
+  m = mask(params, pattern)
+  f = flat(params)
+  return (unflat({k: v for k, v in f.items() if m[k]}),
+          unflat({k: v for k, v in f.items() if not m[k]}))
+
+
+def combine(trainable: Params, frozen: Params) -> Dict[str, Any]:
+  """The whole tree from `split`'s two parts."""
+  return unflat({**flat(frozen), **flat(trainable)})
+
+
+def _close(pattern: str, names: List[str]) -> str:
+  parts = [p for p in re.split(r'[|()^$\\.*+?]', pattern) if p]
+  close = sorted({c for p in parts for c in difflib.get_close_matches(p, names, 3, 0.5)})
+  return (f'close matches: {", ".join(close)}' if close else '') or \
+      f'the dense layers are {", ".join(names)}'
+
+
+def dense_layer_names(params: Params) -> List[str]:
+  """The distinct names of the dense layers (modules holding a `kernel`)."""
+  return sorted({k.split('/')[-2] for k in flat(params) if k.endswith('/kernel')})
+
+
+def check(peft: Optional[cfg.PeftConfig], params: Params, setting: str = 'PeftConfig') -> None:
+  """One-line errors for a PEFT config that does nothing on this model (abstract params do)."""
+  if peft is None:
+    return
+  f = flat(params)
+  if peft.method in (cfg.PeftMethod.LORA, cfg.PeftMethod.IA3):
+    added = re.compile(_ADDED[peft.method])
+    if not any(added.search(k) for k in f):
+      names = dense_layer_names(params)
+      raise cfg.ConfigError(
+          f'{setting}.targets={peft.targets!r} matches no dense layer of this model '
+          f'({_close(peft.targets, names)}): set {setting}.targets to a pattern of their '
+          "paths, e.g. 'query|value' or '.' for all")
+  if peft.method == cfg.PeftMethod.BITFIT:
+    dense_biases = [k for k in f if k.endswith('/bias') and k[:-len('bias')] + 'kernel' in f]
+    if not dense_biases:
+      raise cfg.ConfigError(
+          f'{setting}.method=bitfit trains the biases of dense layers, but this model has none '
+          '(use_bias = False): choose a model with biases (e.g. BLOOM, GPT-NeoX) or another '
+          "method such as 'lora'")
+
+
+def _lora_delta(kernel, a, b, scale):
+  """scale * A B in the kernel's layout: A [lead..., in..., r], B [lead..., r, out...]."""
+  lead = a.ndim + b.ndim - 2 - kernel.ndim
+  n_in = a.ndim - 1 - lead
+  lead_shape = kernel.shape[:lead]
+  in_size = int(jnp.prod(jnp.array(kernel.shape[lead:lead + n_in])))
+  r = a.shape[-1]
+  a2 = a.reshape(lead_shape + (in_size, r)).astype(jnp.float32)
+  b2 = b.reshape(lead_shape + (r, -1)).astype(jnp.float32)
+  return (scale * jnp.matmul(a2, b2)).reshape(kernel.shape)
+
+
+def _map_lora(params: Params, peft: cfg.PeftConfig, sign: float) -> Dict[str, Any]:
+  out = {}
+  for k, v in params.items():
+    if isinstance(v, Mapping) and 'lora_a' in v and 'kernel' in v:
+      kernel = v['kernel']
+      delta = _lora_delta(kernel, v['lora_a'], v['lora_b'], peft.lora_scale)
+      new_kernel = (kernel.astype(jnp.float32) + sign * delta).astype(kernel.dtype)
+      out[k] = {n: x for n, x in v.items() if n not in ('lora_a', 'lora_b')}
+      out[k]['kernel'] = new_kernel
+      if sign < 0:  # unmerge keeps the adapter
+        out[k]['lora_a'], out[k]['lora_b'] = v['lora_a'], v['lora_b']
+    elif isinstance(v, Mapping):
+      out[k] = _map_lora(v, peft, sign)
+    else:
+      out[k] = v
+  return out
+
+
+def merge_lora(params: Params, peft: cfg.PeftConfig) -> Dict[str, Any]:
+  """The plain model's parameters: each LoRA kernel W + (alpha / r) A B, the A and B dropped
+  (the model config then has `peft=None`)."""
+  if peft.method != cfg.PeftMethod.LORA:
+    raise cfg.ConfigError(f'merge_lora needs PeftConfig.method=lora, not {peft.method.value!r}')
+  return _map_lora(params, peft, 1.0)
+
+
+def unmerge_lora(merged: Params, lora: Params, peft: cfg.PeftConfig) -> Dict[str, Any]:
+  """Inverse of `merge_lora`: `merged` (a plain tree) minus (alpha / r) A B for the A and B in
+  `lora` (a tree holding at least the `lora_a`/`lora_b` leaves); returns the LoRA tree."""
+  return _map_lora(combine(split(lora, _TRAINABLE[cfg.PeftMethod.LORA])[0], merged), peft, -1.0)

@@ -1,0 +1,255 @@
+"""Preference alignment: DPO and IPO against a frozen reference, and the losses themselves.
+
+`DpoModel` wraps a policy (a `DecoderOnlyModel` or `EncoderDecoderModel`, with or
+without a PEFT method) and trains it on pairs: each batch row holds one pair, its
+prompt + chosen response in the `chosen_*` features and the same prompt + rejected
+response in the `rejected_*` features (`t5x_like/data/preferences.py` makes them),
+so the two halves of a pair are always in the same batch.
+
+The reference model (the policy as it started) is computed on the fly:
+  * a PEFT policy's reference is the same module without its PEFT parameters on
+    the same frozen base: no second copy of the weights;
+  * a fully fine-tuned policy keeps a frozen copy of its starting parameters in
+    the `reference` sub-tree of the parameters (no gradient, no optimizer state;
+    `infer`, `eval` and export read the policy and ignore it);
+or precomputed once into the batches (`reference_chosen_log_likelihood`,
+`reference_rejected_log_likelihood` [batch]), and then nothing of it is held.
+
+Losses (h = the chosen log-ratio minus the rejected one, each log pi - log pi_ref
+summed over the response tokens):
+  DPO (Rafailov et al., 2023): -log sigmoid(beta * h)
+  IPO (Azar et al., 2023):     (h - 1 / (2 beta))^2
+"""
+
+import dataclasses
+import enum
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models import config as cfg
+from models import losses
+from models import metrics as metrics_lib
+from models import model as model_lib
+from models import param_count
+from models import peft
+
+Array = jax.Array
+REFERENCE = 'reference'  # the parameter sub-tree of a full-parameter DPO run's reference
+SIDES = ('chosen', 'rejected')
+REFERENCE_FEATURES = ('reference_chosen_log_likelihood', 'reference_rejected_log_likelihood')
+
+
+class PreferenceLoss(enum.Enum):
+  DPO = 'dpo'
+  IPO = 'ipo'
+
+
+class Reference(enum.Enum):
+  ON_THE_FLY = 'on_the_fly'  # the frozen reference runs beside the policy in every step
+  PRECOMPUTED = 'precomputed'  # its log-likelihoods arrive in the batches
+
+
+def preference_loss(policy_chosen: Array, policy_rejected: Array, reference_chosen: Array,
+                    reference_rejected: Array, beta: float,
+                    kind: PreferenceLoss = PreferenceLoss.DPO) -> Tuple[Array, Array, Array]:
+  """Per-pair loss and the implicit rewards beta * (log pi - log pi_ref) of both responses.
+
+  Args:
+    policy_chosen, policy_rejected: [pairs] summed log-likelihoods of the responses under
+      the policy; reference_*: the same under the reference.
+    beta: the KL strength (DPO's beta; IPO's tau).
+    kind: DPO or IPO.
+
+  Returns:
+    (loss [pairs], chosen reward [pairs], rejected reward [pairs]).
+  """
+  chosen_ratio = policy_chosen - reference_chosen
+  rejected_ratio = policy_rejected - reference_rejected
+  h = chosen_ratio - rejected_ratio
+  if kind == PreferenceLoss.DPO:
+    loss = -jax.nn.log_sigmoid(beta * h)
+  else:
+    loss = jnp.square(h - 1.0 / (2.0 * beta))
+  return loss, beta * chosen_ratio, beta * rejected_ratio
+
+
+def _side(batch: Mapping[str, Array], side: str) -> Dict[str, Array]:
+  n = len(side) + 1
+  return {k[n:]: v for k, v in batch.items() if k.startswith(side + '_')}
+
+
+class DpoModel:
+  """A policy trained on preference pairs (see the module docstring).
+
+  Args:
+    policy: the model being aligned (its gin file's MODEL).
+    beta: DPO's beta (IPO's tau): how far the policy may move from the reference.
+    loss: 'dpo' or 'ipo'.
+    reference: 'on_the_fly' or 'precomputed'.
+  """
+
+  def __init__(self, policy: model_lib.BaseModel, beta: float = 0.1, loss: str = 'dpo',
+               reference: str = 'on_the_fly'):
+    if not isinstance(policy, model_lib.BaseModel):
+      raise cfg.ConfigError(f'DpoModel.policy={policy!r} must be a model: bind it to %MODEL')
+    if not beta > 0:
+      raise cfg.ConfigError(f'DpoModel.beta={beta} must be > 0 (e.g. 0.1)')
+    self.policy = policy
+    self.config = policy.config
+    self.beta = float(beta)
+    self.loss_kind = cfg._coerce(PreferenceLoss, loss, 'DpoModel.loss')  # pylint: disable=protected-access
+    self.reference = cfg._coerce(Reference, reference, 'DpoModel.reference')  # pylint: disable=protected-access
+    self.encoder_decoder = isinstance(policy, model_lib.EncoderDecoderModel)
+    # The reference of a PEFT policy: the same model without the PEFT parameters.
+    self._base = policy.without_peft() if policy.config.peft is not None else None
+    side_features = policy.FEATURES + policy.OPTIONAL_FEATURES
+    self.FEATURES = tuple(f'{s}_{k}' for s in SIDES for k in side_features)  # pylint: disable=invalid-name
+    if self.reference == Reference.PRECOMPUTED:
+      self.FEATURES += REFERENCE_FEATURES
+    self.OPTIONAL_FEATURES = ()  # pylint: disable=invalid-name
+
+  # --- what the trainer and pipeline use -------------------------------------------
+  @property
+  def holds_reference_copy(self) -> bool:
+    """Whether the parameters carry a frozen copy of the starting policy (`reference/`)."""
+    return self.reference == Reference.ON_THE_FLY and self._base is None
+
+  @property
+  def needs_rng(self) -> bool:
+    return self.policy.needs_rng
+
+  def trainable_pattern(self) -> Optional[str]:
+    if self.policy.config.peft is not None:
+      return peft.trainable_pattern(self.policy.config.peft)
+    return f'^(?!{REFERENCE}/)' if self.holds_reference_copy else None
+
+  def added_pattern(self) -> Optional[str]:
+    """Parameters an initial checkpoint of the policy lacks: PEFT additions, and the
+    reference copy (then made from the restored policy by `with_reference`)."""
+    parts = [p for p in (self.policy.added_pattern(),
+                         f'^{REFERENCE}/' if self.holds_reference_copy else None) if p]
+    return '|'.join(f'(?:{p})' for p in parts) or None
+
+  def _base_params(self, params):
+    return peft.split(params, self.policy.added_pattern())[1]
+
+  def policy_params(self, params):
+    if self.holds_reference_copy:
+      return {k: v for k, v in params.items() if k != REFERENCE}
+    return params
+
+  def with_reference(self, params):
+    """The parameters with the reference copy made from the policy's (a fresh run)."""
+    if not self.holds_reference_copy:
+      return params
+    policy = self.policy_params(params)
+    return {**policy, REFERENCE: jax.tree.map(jnp.copy, policy)}
+
+  def feature_shapes(self, batch_size: int, feature_lengths: Mapping[str, int]):
+    lengths = paired_lengths(feature_lengths)
+    shapes = {f'{s}_{k}': v for s in SIDES
+              for k, v in self.policy.feature_shapes(batch_size, lengths).items()}
+    if self.reference == Reference.PRECOMPUTED:
+      shapes.update({k: (batch_size,) for k in REFERENCE_FEATURES})
+    return shapes
+
+  def dummy_batch(self, batch_size, feature_lengths):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    return {k: np.zeros(s, np.float32 if k in REFERENCE_FEATURES else np.int32)
+            for k, s in self.feature_shapes(batch_size, feature_lengths).items()}
+
+  def check_lengths(self, feature_lengths: Mapping[str, int]) -> None:
+    self.policy.check_lengths(paired_lengths(feature_lengths))
+
+  def flops_per_example(self, feature_lengths: Mapping[str, int]) -> float:
+    """Training FLOPs of one pair: both responses through the policy (forward and
+    backward) and, on the fly, through the reference (forward: a third of that)."""
+    lengths = paired_lengths(feature_lengths)
+    one = param_count.train_flops_per_example(self.config, lengths.get('inputs', 0),
+                                              lengths['targets'])
+    return 2 * one * (4 / 3 if self.reference == Reference.ON_THE_FLY else 1)
+
+  def init_variables(self, rng: Array, batch: Mapping[str, Array]):
+    variables = self.policy.init_variables(rng, _side(batch, 'chosen'))
+    if self.holds_reference_copy:
+      params = dict(variables['params'])
+      params[REFERENCE] = variables['params']
+      variables = {**variables, 'params': params}
+    return variables
+
+  # --- the loss ----------------------------------------------------------------------
+  def _sequence_scores(self, model, params, batch, dropout_rng=None):
+    """Summed response log-likelihoods [batch], per-token log-probs over the vocabulary
+    [batch, length, vocab] and the response mask [batch, length]."""
+    logits = model.apply(params, batch, dropout_rng)
+    logp_all = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    token_logp = jnp.take_along_axis(logp_all, batch['decoder_target_tokens'][..., None].astype(
+        jnp.int32), axis=-1)[..., 0]
+    weights = batch['decoder_loss_weights'].astype(jnp.float32)
+    return jnp.sum(token_logp * weights, axis=-1), logp_all, weights
+
+  def _reference_scores(self, params, batch):
+    if self._base is not None:
+      return self._sequence_scores(self._base, self._base_params(params), batch)
+    return self._sequence_scores(self.policy, params[REFERENCE], batch)
+
+  def loss_fn(self, params, batch, dropout_rng=None, token_groups=None
+              ) -> Tuple[Array, metrics_lib.Metrics]:
+    """The summed pair loss and the metrics: `loss` per pair, `rewards/{chosen,rejected,
+    margin,accuracy}`, `logps/{chosen,rejected}` (policy, summed per response) and, on
+    the fly, `kl`: the per-token KL(policy || reference) of the next-token distributions
+    along the responses."""
+    del token_groups
+    policy = self.policy_params(params)
+    scores, ref_scores, kl_sum, tokens = {}, {}, 0.0, 0.0
+    for i, side in enumerate(SIDES):
+      b = _side(batch, side)
+      key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+      scores[side], logp_all, w = self._sequence_scores(self.policy, policy, b, key)
+      if self.reference == Reference.PRECOMPUTED:
+        ref_scores[side] = batch[f'reference_{side}_log_likelihood'].astype(jnp.float32)
+      else:
+        ref_score, ref_logp_all, _ = jax.lax.stop_gradient(self._reference_scores(params, b))
+        ref_scores[side] = ref_score
+        kl_tok = jnp.sum(jnp.exp(logp_all) * (logp_all - ref_logp_all), axis=-1)  # [b, len]
+        kl_sum = kl_sum + jnp.sum(jax.lax.stop_gradient(kl_tok) * w)
+        tokens = tokens + jnp.sum(w)
+    valid = (jnp.sum(batch['chosen_decoder_loss_weights'], axis=-1) > 0).astype(jnp.float32)
+    loss, chosen_r, rejected_r = preference_loss(
+        scores['chosen'], scores['rejected'], ref_scores['chosen'], ref_scores['rejected'],
+        self.beta, self.loss_kind)
+    n = jnp.sum(valid)
+
+    def per_pair(x, console=None):
+      return metrics_lib.Average(jnp.sum(x * valid), n, console=console)
+    loss_sum = jnp.sum(loss * valid)
+    metrics = {
+        'loss': per_pair(loss, '.4f'),
+        'rewards/chosen': per_pair(chosen_r),
+        'rewards/rejected': per_pair(rejected_r),
+        'rewards/margin': per_pair(chosen_r - rejected_r, '.3f'),
+        # A tie (as at the start, when the policy is the reference) counts one half.
+        'rewards/accuracy': per_pair(0.5 * (1.0 + jnp.sign(chosen_r - rejected_r)), '.3f'),
+        'logps/chosen': per_pair(scores['chosen']),
+        'logps/rejected': per_pair(scores['rejected']),
+        'pairs': metrics_lib.Sum(n),
+    }
+    if self.reference == Reference.ON_THE_FLY:
+      metrics['kl'] = metrics_lib.Average(kl_sum, tokens, console='.4f')
+    return loss_sum, metrics
+
+
+def paired_lengths(feature_lengths: Mapping[str, int]) -> Dict[str, int]:
+  """The policy's lengths for paired task lengths {'inputs', 'chosen', 'rejected'}
+  (targets: the longer response)."""
+  missing = [k for k in SIDES if k not in feature_lengths]
+  if missing:
+    raise cfg.ConfigError(f'preference data needs a length for {missing[0]!r}: set '
+                          "TASK_FEATURE_LENGTHS = {'inputs': ..., 'chosen': ..., 'rejected': ...}")
+  out = {'targets': max(feature_lengths['chosen'], feature_lengths['rejected'])}
+  if 'inputs' in feature_lengths:
+    out['inputs'] = feature_lengths['inputs']
+  return out

@@ -1,0 +1,228 @@
+"""Preference data for DPO and reward models: {"prompt", "chosen", "rejected"} pairs.
+
+  register_preference_task(name, split_files, vocabulary)
+      a seqio Task over JSONL files of pairs; its features are `inputs` (the prompt),
+      `chosen` and `rejected` (the two responses, each ending in EOS).
+  PairedFeatureConverter
+      makes the model features of both halves of each pair, one pair per row:
+      `chosen_<feature>` holds prompt + chosen and `rejected_<feature>` prompt +
+      rejected, as seqio's PrefixLM (decoder-only: the prompt has loss weight 0) or
+      EncDec converter would, so chosen and rejected of a pair always share a batch.
+  stdlib_preferences()
+      registers the embedded preference set: a few lines of standard-library code as
+      the prompt, its real next line as `chosen`, and that line with its words
+      shuffled as `rejected` (a prompt seen twice is kept once; a hash of it picks the
+      split).
+
+Every record is read and checked when the task is registered: a record missing
+`prompt`, `chosen` or `rejected` is one line naming the file and line.
+"""
+
+import hashlib
+import json
+import os
+import random
+import sys
+import tempfile
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from t5x_like.data import corpus
+from t5x_like.data import instructions
+from t5x_like.data import registry
+
+FIELDS = ('prompt', 'chosen', 'rejected')
+
+
+class PreferenceDataError(ValueError):
+  """Preference data that cannot be used."""
+
+
+def _pair(record, vocabulary, where: str) -> Tuple[List[int], List[int], List[int]]:
+  if not isinstance(record, Mapping):
+    raise PreferenceDataError(f'{where}: a record must be a JSON object with "prompt", "chosen" '
+                              'and "rejected"')
+  missing = [k for k in FIELDS if not isinstance(record.get(k), str)]
+  if missing:
+    raise PreferenceDataError(
+        f'{where}: the record has no text {missing[0]!r} (keys: {", ".join(sorted(record)) or "none"}): '
+        'preference data needs "prompt", "chosen" and "rejected" in every record')
+  return tuple([int(i) for i in vocabulary.encode(record[k])] for k in FIELDS)
+
+
+def _source(pairs: Mapping[str, List[Tuple[List[int], List[int], List[int]]]]):
+  def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None) -> tf.data.Dataset:
+    del shuffle_files, seed
+    rows = pairs[split]
+    return tf.data.Dataset.from_generator(
+        lambda: ({'inputs': np.asarray(p, np.int32), 'chosen': np.asarray(c, np.int32),
+                  'rejected': np.asarray(r, np.int32)} for p, c, r in rows),
+        output_signature={k: tf.TensorSpec([None], tf.int32)
+                          for k in ('inputs', 'chosen', 'rejected')})
+
+  return seqio.FunctionDataSource(dataset_fn, splits=list(pairs),
+                                  num_input_examples={s: len(v) for s, v in pairs.items()})
+
+
+def register_preference_task(name: str, split_files: instructions.SplitFiles,
+                             vocabulary: seqio.Vocabulary = registry.DEFAULT_VOCABULARY) -> str:
+  """Registers a preference task over JSONL files; returns its name (for gin).
+
+  Args:
+    name: the task name.
+    split_files: split -> a file pattern or patterns of JSONL pair records.
+    vocabulary: the tokenizer.
+  """
+  files = instructions._files(split_files)  # pylint: disable=protected-access
+  pairs = {}
+  for split, paths in files.items():
+    pairs[split] = [_pair(r, vocabulary, where) for path in paths
+                    for where, r in instructions.read_jsonl(path)]
+    if not pairs[split]:
+      raise PreferenceDataError(f'split {split!r} of {name} has no pairs ({paths[0]} ...)')
+  registry.register_seqio_task(
+      name, _source(pairs), [instructions.keep_prompt_end,
+                             seqio.preprocessors.append_eos_after_trim],
+      {'inputs': seqio.Feature(vocabulary, add_eos=False),
+       'chosen': seqio.Feature(vocabulary, add_eos=True),
+       'rejected': seqio.Feature(vocabulary, add_eos=True)})
+  return name
+
+
+def preference_task(name: str, split_files: instructions.SplitFiles,
+                    vocabulary: seqio.Vocabulary = registry.DEFAULT_VOCABULARY) -> str:
+  """For gin: `MIXTURE_OR_TASK_NAME = @preferences.preference_task()`."""
+  return register_preference_task(name, split_files, vocabulary)
+
+
+class PairedFeatureConverter:
+  """Task features (inputs, chosen, rejected) -> `chosen_*` and `rejected_*` model features.
+
+  Unpacked: one pair per row (packing two sequences per pair row-aligned would need a
+  joint packer; pairs are short next to the rows DPO is usually run with).
+  """
+
+  def __init__(self, encoder_decoder: bool, pack: bool = False):
+    if pack:
+      raise PreferenceDataError('preference pairs are not packed: set pipeline.DatasetConfig.pack '
+                                '= False (each row holds one pair)')
+    self.converter = (seqio.EncDecFeatureConverter(pack=False) if encoder_decoder else
+                      seqio.PrefixLMFeatureConverter(pack=False))
+
+  def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]):
+    missing = [k for k in FIELDS[1:] if k not in task_feature_lengths]
+    if missing:
+      raise PreferenceDataError(
+          f"preference data needs a length for {missing[0]!r}: set TASK_FEATURE_LENGTHS = "
+          "{'inputs': ..., 'chosen': ..., 'rejected': ...}")
+    lengths = {'inputs': task_feature_lengths['inputs'],
+               'targets': max(task_feature_lengths['chosen'], task_feature_lengths['rejected'])}
+    # Each pair becomes two consecutive examples (chosen, then rejected), converted one by
+    # one (order kept), then joined back into one row.
+    halves = ds.flat_map(lambda ex: tf.data.Dataset.from_tensors(
+        {'inputs': ex['inputs'], 'targets': ex['chosen']}).concatenate(
+            tf.data.Dataset.from_tensors({'inputs': ex['inputs'], 'targets': ex['rejected']})))
+    converted = self.converter(halves, lengths).batch(2, drop_remainder=True)
+    return converted.map(lambda ex: {**{f'chosen_{k}': v[0] for k, v in ex.items()},
+                                     **{f'rejected_{k}': v[1] for k, v in ex.items()}})
+
+
+# --- the embedded preference set ----------------------------------------------------
+_VERSION = 2
+VALIDATION_PERCENT = 5
+PROMPT_LINES = 4
+STRIDE = 37  # one window every STRIDE lines of each file
+MAX_PAIRS = {'train': 4000, 'validation': 250}
+
+
+def _corrupt(line: str, rng: random.Random) -> Optional[str]:
+  """The line with its words shuffled (its indentation kept); None if that changes nothing."""
+  indent = line[:len(line) - len(line.lstrip())]
+  words = line.split()
+  if len(words) < 3:
+    return None
+  for _ in range(5):
+    shuffled = words[:]
+    rng.shuffle(shuffled)
+    if shuffled != words:
+      return indent + ' '.join(shuffled)
+  return None
+
+
+def preference_records():
+  """The embedded set's records in a fixed order: {'prompt', 'chosen', 'rejected', 'split'}."""
+  rng = random.Random(0)
+  counts = {s: 0 for s in MAX_PAIRS}
+  seen = set()
+  for path in corpus._stdlib_files():  # pylint: disable=protected-access
+    try:
+      with open(path, encoding='utf-8') as f:
+        lines = [l.rstrip() for l in f if l.strip()]
+    except (UnicodeDecodeError, OSError):
+      continue
+    for start in range(0, len(lines) - PROMPT_LINES - 1, STRIDE):
+      prompt_lines, chosen = lines[start:start + PROMPT_LINES], lines[start + PROMPT_LINES]
+      prompt = '\n'.join(prompt_lines) + '\n'
+      if not chosen.isascii() or not prompt.isascii() or not 16 <= len(chosen) <= 60 or len(
+          prompt) > 200:
+        continue
+      if prompt in seen:  # (code repeated across files: kept once, in one split)
+        continue
+      seen.add(prompt)
+      rejected = _corrupt(chosen, rng)
+      if rejected is None:
+        continue
+      h = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) % 100
+      split = 'validation' if h < VALIDATION_PERCENT else 'train'
+      if counts[split] >= MAX_PAIRS[split]:
+        continue
+      counts[split] += 1
+      yield {'prompt': prompt, 'chosen': chosen, 'rejected': rejected, 'split': split}
+
+
+def preferences_dir() -> str:
+  ver = '.'.join(map(str, sys.version_info[:3]))
+  return os.path.join(corpus.cache_root(), f'preferences-v{_VERSION}-py{ver}')
+
+
+def build_preferences(root: Optional[str] = None) -> Dict[str, str]:
+  """Writes the embedded set (once) as {split}.jsonl; returns split -> path."""
+  root = root or preferences_dir()
+  paths = {s: os.path.join(root, f'{s}.jsonl') for s in corpus.SPLITS}
+  if all(os.path.exists(p) for p in paths.values()):
+    return paths
+  os.makedirs(os.path.dirname(root), exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix='.building-', dir=os.path.dirname(root))
+  files = {s: open(os.path.join(tmp, f'{s}.jsonl'), 'w') for s in corpus.SPLITS}
+  for r in preference_records():
+    files[r['split']].write(json.dumps(r) + '\n')
+  for f in files.values():
+    f.close()
+  try:
+    os.rename(tmp, root)
+  except OSError:  # another process finished first; its files are identical
+    for s in corpus.SPLITS:
+      os.remove(os.path.join(tmp, f'{s}.jsonl'))
+    os.rmdir(tmp)
+  return paths
+
+
+STDLIB_PREFERENCES = 'stdlib_preferences'
+
+
+def register_stdlib_preferences(vocabulary: seqio.Vocabulary = registry.DEFAULT_VOCABULARY,
+                                name: str = STDLIB_PREFERENCES) -> str:
+  """Registers the embedded preference set (built on first use); returns its name."""
+  return register_preference_task(name, build_preferences(), vocabulary)
+
+
+registry.register_lazy(STDLIB_PREFERENCES, register_stdlib_preferences)
+
+
+def stdlib_preferences(vocabulary: seqio.Vocabulary = registry.DEFAULT_VOCABULARY,
+                       name: str = STDLIB_PREFERENCES) -> str:
+  """For gin: `MIXTURE_OR_TASK_NAME = @preferences.stdlib_preferences()`."""
+  return register_stdlib_preferences(vocabulary, name)

@@ -1,0 +1,146 @@
+"""PEFT training: only the chosen parameters train and hold optimizer state, the frozen
+ones stay bit-identical, and sharded steps equal single-device steps."""
+
+import jax
+import numpy as np
+import pytest
+
+from models import config as cfg
+from models import model as model_lib
+from models import peft
+from partitioning import mesh as mesh_lib
+from partitioning import partitioner as partitioner_lib
+from t5x_like import checkpoints
+from t5x_like import optimizers
+from t5x_like import train as train_lib
+from t5x_like import trainer as trainer_lib
+from t5x_like import utils
+
+import testing_utils as tu
+
+LORA = cfg.PeftConfig(method='lora', targets='query|value|wo', rank=4)
+
+
+def _trainer(model, batches, mesh=(1, 1, 1), optimizer=None, **kwargs):
+  devices = jax.devices()[:int(np.prod(mesh))]
+  part = partitioner_lib.Partitioner(mesh_lib.create_mesh(mesh, devices=devices))
+  shapes = {k: v.shape for k, v in batches[0].items()}
+  return trainer_lib.Trainer(model, optimizer or optimizers.sgd(0.5, momentum=0.9), part,
+                             shapes, **kwargs)
+
+
+def _bits(tree):
+  return {k: np.asarray(v).view(np.uint8).copy() for k, v in peft.flat(jax.device_get(tree)).items()}
+
+
+@pytest.mark.parametrize('method,overrides,extra', [
+    (LORA, {}, None),
+    (cfg.PeftConfig(method='ia3'), dict(num_kv_heads=1), None),
+    (cfg.PeftConfig(method='adapters', adapter_dim=8), {}, None),
+    (cfg.PeftConfig(method='bitfit'), dict(use_bias=True), None),
+    (LORA, {}, r'lora_|decoder_norm'),
+])
+def test_only_the_chosen_parameters_train(method, overrides, extra):
+  model = model_lib.DecoderOnlyModel(tu.tiny_decoder(peft=method, **overrides))
+  batches = [tu.random_batch(model, 8, {'targets': 32}, packed=True)] * 4  # fits it: loss falls
+  trainer = _trainer(model, batches, optimizer=optimizers.adamw(1e-2), trainable_params=extra)
+  state = trainer.init_state()
+  pattern = extra or peft.trainable_pattern(method)
+  mask = peft.mask(state.params, pattern)
+  trainable = [k for k, m in mask.items() if m]
+  assert trainer.partial and trainable and len(trainable) < len(mask)
+  # Optimizer state only for the trained parameters: Adam's mu and nu mirror them exactly.
+  adam = state.opt_state[1][0]
+  for moment in (adam.mu, adam.nu):
+    assert sorted(peft.flat(moment)) == sorted(trainable)
+  n_opt = sum(x.size for x in jax.tree.leaves(state.opt_state))
+  assert 2 * trainer.num_trainable_params <= n_opt <= 2 * trainer.num_trainable_params + 4
+  before = _bits(state.params)
+  losses = []
+  for b in batches:
+    state, metrics = trainer.jit_train_step(state, trainer.shard_batch(b))
+    losses.append(float(metrics['loss'].compute()))
+  after = _bits(state.params)
+  for k in mask:
+    if mask[k]:
+      assert not np.array_equal(before[k], after[k]), f'{k} did not train'
+    else:
+      np.testing.assert_array_equal(before[k], after[k], err_msg=f'frozen {k} changed')
+  assert losses[-1] < losses[0]
+
+
+def test_a_pattern_matching_nothing_fails():
+  model = model_lib.DecoderOnlyModel(tu.tiny_decoder())
+  batches = [tu.random_batch(model, 8, {'targets': 32})]
+  with pytest.raises(utils.InputError, match=r"trainable_params='lorra' matches no parameter"):
+    _trainer(model, batches, trainable_params='lorra')
+
+
+def _run(model, batches, mesh):
+  trainer = _trainer(model, batches, mesh)
+  state = trainer.init_state()
+  # Start from non-zero B, so that A has gradients too.
+  keys = iter(jax.random.split(jax.random.PRNGKey(7), 64))
+  params = peft.unflat({k: (v + 0.1 * jax.random.normal(next(keys), v.shape) if k.endswith(
+      'lora_b') else v) for k, v in peft.flat(jax.device_get(state.params)).items()})
+  state = state.replace(params=jax.device_put(params, trainer.state_shardings.params))
+
+  def mean_loss(t, frozen, b):
+    loss_sum, metrics = model.loss_fn(peft.combine(t, frozen), b)
+    return loss_sum / metrics['loss'].weight
+  grad_fn = jax.jit(jax.grad(mean_loss))
+  gb = trainer.shard_batch(batches[0])
+  with trainer.partitioner.context():
+    grads = jax.device_get(grad_fn(trainer.trainable(state.params),
+                                   trainer.frozen(state.params), gb))
+  losses = []
+  for b in batches:
+    state, metrics = trainer.jit_train_step(state, trainer.shard_batch(b))
+    losses.append(float(metrics['loss'].compute()))
+  return losses, grads, jax.device_get(trainer.trainable(state.params))
+
+
+@pytest.fixture(scope='module')
+def lora_reference():
+  model = model_lib.DecoderOnlyModel(tu.tiny_decoder(num_kv_heads=1, peft=LORA))
+  batches = [tu.random_batch(model, 8, {'targets': 32}, seed=s, packed=True) for s in range(3)]
+  return model, batches, _run(model, batches, (1, 1, 1))
+
+
+@pytest.mark.parametrize('mesh', [(2, 2, 2), (1, 2, 4)])
+def test_lora_sharded_equals_single_device(lora_reference, mesh):
+  model, batches, (losses, grads, trained) = lora_reference
+  s_losses, s_grads, s_trained = _run(model, batches, mesh)
+  np.testing.assert_allclose(s_losses, losses, rtol=1e-5)
+  assert set(peft.flat(s_grads)) == set(peft.flat(grads))
+  for k, g in peft.flat(grads).items():
+    assert np.abs(g).max() > 0, f'no gradient for {k}'
+    np.testing.assert_allclose(peft.flat(s_grads)[k], g, rtol=1e-4, atol=1e-7, err_msg=k)
+  for k, v in peft.flat(trained).items():
+    np.testing.assert_allclose(peft.flat(s_trained)[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+FILES = ['models/llama/tiny.gin', 'runs/pretrain.gin']
+
+
+def _bindings(model_dir, steps, *extra):
+  return ["MIXTURE_OR_TASK_NAME = 'stdlib_lm'", "TASK_FEATURE_LENGTHS = {'targets': 32}",
+          f'TRAIN_STEPS = {steps}', f"MODEL_DIR = '{model_dir}'", 'BATCH_SIZE = 8',
+          'WARMUP_STEPS = 1', 'train_lib.train.eval_split = None',
+          'train_lib.train.peak_flops = 1e11', 'train_lib.train.checkpoint_every = 100', *extra]
+
+
+def test_lora_run_starts_from_a_base_and_keeps_it(tmp_path, capsys):
+  base_dir, lora_dir = str(tmp_path / 'base'), str(tmp_path / 'lora')
+  train_lib.run(FILES, _bindings(base_dir, 2))
+  result = train_lib.run(FILES + ['peft/lora.gin'], _bindings(
+      lora_dir, 4, f"train_lib.train.initial_checkpoint = '{base_dir}'", 'LEARNING_RATE = 1e-2'))
+  out = capsys.readouterr().out
+  assert 'training 1,792 of them' in out and '4 added parameters initialised fresh' in out
+  assert result['step'] == 4
+  base = peft.flat(checkpoints.restore_params(*checkpoints.resolve(base_dir)))
+  tuned = peft.flat(checkpoints.restore_params(*checkpoints.resolve(lora_dir)))
+  assert set(tuned) - set(base) == {k for k in tuned if '/lora_' in k}
+  for k, v in base.items():
+    np.testing.assert_array_equal(np.asarray(tuned[k]), np.asarray(v), err_msg=k)
+  assert any(np.abs(np.asarray(v)).max() > 0 for k, v in tuned.items() if k.endswith('lora_b'))

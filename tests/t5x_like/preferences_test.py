@@ -1,0 +1,84 @@
+"""Preference data: pairs from JSONL, one pair per row with chosen and rejected aligned,
+the embedded set, and one-line errors for bad data."""
+
+import json
+
+import numpy as np
+import pytest
+
+from models import model as model_lib
+from models import preference
+from t5x_like.data import pipeline
+from t5x_like.data import preferences
+from t5x_like.data import registry
+
+import testing_utils as tu
+
+VOCAB = registry.DEFAULT_VOCABULARY
+
+
+def _write(path, records):
+  with open(path, 'w') as f:
+    for r in records:
+      f.write(json.dumps(r) + '\n')
+  return str(path)
+
+
+@pytest.mark.parametrize('record,match', [
+    ({'prompt': 'p', 'chosen': 'c'}, r"f.jsonl:2: the record has no text 'rejected' \(keys: "
+     r'chosen, prompt\)'),
+    ({'prompt': 'p', 'rejected': 'r'}, "no text 'chosen'"),
+    ({'chosen': 'c', 'rejected': 'r'}, "no text 'prompt'"),
+])
+def test_pairs_missing_a_field_fail_in_one_line(tmp_path, record, match):
+  path = _write(tmp_path / 'f.jsonl', [{'prompt': 'p', 'chosen': 'c', 'rejected': 'r'}, record])
+  with pytest.raises(preferences.PreferenceDataError, match=match) as e:
+    preferences.register_preference_task('bad_prefs', {'train': path})
+  assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('encdec', [False, True], ids=['decoder', 'encdec'])
+def test_each_row_holds_one_pair_aligned(tmp_path, encdec):
+  records = [{'prompt': f'Prompt {i}: ', 'chosen': f'good {i}', 'rejected': f'bad answer {i}'}
+             for i in range(6)]
+  path = _write(tmp_path / 'p.jsonl', records)
+  task = preferences.register_preference_task('test_prefs', {'validation': path})
+  policy = (model_lib.EncoderDecoderModel(tu.tiny_encdec(vocab_size=384)) if encdec else
+            model_lib.DecoderOnlyModel(tu.tiny_decoder(vocab_size=384)))
+  dpo = preference.DpoModel(policy)
+  lengths = {'inputs': 16, 'chosen': 12, 'rejected': 16}
+  config = pipeline.DatasetConfig(task, lengths, split='validation', batch_size=2,
+                                  shuffle=False, pack=False)
+  pipeline.validate(config, dpo)
+  shapes, expected = pipeline.batch_shapes(config, dpo), dpo.feature_shapes(2, lengths)
+  assert shapes and all(expected[k] == v for k, v in shapes.items())
+  rows = [b for batch in pipeline.InputIterator(config, dpo, num_epochs=1) for b in zip(
+      *[batch[k] for k in ('chosen_decoder_target_tokens', 'chosen_decoder_loss_weights',
+                           'rejected_decoder_target_tokens', 'rejected_decoder_loss_weights')])]
+  assert len(rows) == 6
+  for r, (ct, cw, rt, rw) in zip(records, rows):
+    assert VOCAB.decode(ct[cw > 0].tolist()) == r['chosen']
+    assert VOCAB.decode(rt[rw > 0].tolist()) == r['rejected']
+    if not encdec:  # the prompt precedes each response, with loss weight 0
+      assert VOCAB.decode(ct[:np.argmax(cw > 0)].tolist()) == r['prompt']
+  with pytest.raises(preferences.PreferenceDataError, match='pack = False'):
+    pipeline.batch_shapes(dataclasses_replace(config, pack=True), dpo)
+
+
+def dataclasses_replace(config, **kw):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  return dataclasses.replace(config, **kw)
+
+
+def test_embedded_preference_set():
+  paths = preferences.build_preferences()
+  rows = {s: [json.loads(l) for l in open(p)] for s, p in paths.items()}
+  assert len(rows['train']) > 1000 and len(rows['validation']) > 50
+  for rs in rows.values():
+    for r in rs:
+      # rejected: the chosen line's words, shuffled
+      assert r['chosen'] != r['rejected'] and sorted(r['chosen'].split()) == sorted(
+          r['rejected'].split())
+  assert {r['prompt'] for r in rows['train']}.isdisjoint({r['prompt'] for r in rows['validation']})
+  assert pipeline.get_mixture_or_task('stdlib_preferences').output_features.keys() == {
+      'inputs', 'chosen', 'rejected'}
