@@ -87,6 +87,13 @@ class PeftMethod(enum.Enum):
   BITFIT = 'bitfit'  # the dense layers' biases only (Ben Zaken et al., 2021)
 
 
+class BaseQuantization(enum.Enum):
+  """How a PEFT run stores its frozen base's dense kernels (models/quantization.py)."""
+  NONE = 'none'
+  NF4 = 'nf4'  # QLoRA: 4-bit NormalFloat, blockwise, double-quantized maxima
+  INT8 = 'int8'  # blockwise absmax int8
+
+
 @dataclasses.dataclass(frozen=True)
 class PeftConfig:
   """What a parameter-efficient fine-tuning run adds to the model.
@@ -104,6 +111,9 @@ class PeftConfig:
     rank, alpha, dropout: LoRA's r, its scale alpha / r, and the dropout on
       the low-rank branch's input.
     adapter_dim: the adapters' bottleneck width.
+    quantization: 'nf4' (QLoRA) or 'int8' stores every frozen dense kernel of
+      the base (not the output projection `logits_dense`) quantized in blocks of
+      `quantization_block_size` weights, dequantized on the fly in the forward.
   """
   method: PeftMethod = PeftMethod.LORA
   targets: Optional[str] = None
@@ -111,9 +121,19 @@ class PeftConfig:
   alpha: float = 16.0
   dropout: float = 0.0
   adapter_dim: int = 16
+  quantization: BaseQuantization = BaseQuantization.NONE
+  quantization_block_size: int = 64
 
   def __post_init__(self):
     object.__setattr__(self, 'method', _coerce(PeftMethod, self.method, 'PeftConfig.method'))
+    object.__setattr__(self, 'quantization', _coerce(BaseQuantization, self.quantization,
+                                                     'PeftConfig.quantization'))
+    if int(self.quantization_block_size) < 2 or self.quantization_block_size % 2:
+      raise ConfigError(f'PeftConfig.quantization_block_size={self.quantization_block_size} '
+                        'must be an even number >= 2 (QLoRA: 64)')
+    if self.quantization != BaseQuantization.NONE and self.method == PeftMethod.BITFIT:
+      raise ConfigError('PeftConfig.quantization needs a frozen base, but BitFit trains the '
+                        "biases of the quantized layers: use method 'lora' (QLoRA)")
     if self.targets is None:
       default = {PeftMethod.LORA: 'query|value', PeftMethod.IA3: 'key|value|wo'}
       object.__setattr__(self, 'targets', default.get(self.method))

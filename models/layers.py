@@ -17,12 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import config as cfg
+from models import quantization
 from partitioning import axes as ax
 
 Array = jax.Array
 Initializer = Callable[..., Array]
 
 default_kernel_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
+# Dense layers a quantized base keeps in full precision (as QLoRA keeps the LM head).
+UNQUANTIZED = ('logits_dense',)
 
 
 def _normalize_axes(axes: Sequence[int], ndim: int) -> Tuple[int, ...]:
@@ -70,8 +73,11 @@ class DenseGeneral(nn.Module):
       flat = self.kernel_init(key, (fan_in, math.prod(shape[len(in_shape):])), dtype)
       return (flat * self.init_scale).reshape(shape).astype(dtype)
 
-    kernel = self.param('kernel', nn.with_logical_partitioning(init, self.kernel_axes),
-                        kernel_shape, self.param_dtype)
+    if self._quantized():
+      kernel = self._quantized_kernel(init, kernel_shape)
+    else:
+      kernel = self.param('kernel', nn.with_logical_partitioning(init, self.kernel_axes),
+                          kernel_shape, self.param_dtype)
     kernel = jnp.asarray(kernel, self.dtype)
     x = jnp.asarray(x, self.dtype)
     method = self._peft_method()
@@ -94,6 +100,33 @@ class DenseGeneral(nn.Module):
           nn.initializers.ones_init(), self.kernel_axes[n_in:]), features, self.param_dtype),
                           self.dtype)
     return y
+
+  def _quantized(self) -> bool:
+    """Whether this layer's kernel is a quantized frozen base (all but the output layer)."""
+    p = self.peft
+    return (p is not None and p.quantization != cfg.BaseQuantization.NONE and
+            self.name not in UNQUANTIZED)
+
+  def _quantized_kernel(self, init, kernel_shape) -> Array:
+    """The kernel, dequantized from its stored parts (`kernel_codes`, `kernel_absmax`, ...).
+
+    A fresh model quantizes its random initial kernel; a fine-tuning run replaces the
+    parts with those of its base checkpoint (`peft.quantize_like`).
+    """
+    kind, block = self.peft.quantization.value, self.peft.quantization_block_size
+    stored = None
+    if self.is_initializing():
+      stored = quantization.quantize(init(self.make_rng('params'), kernel_shape, jnp.float32),
+                                     kind, block)
+    shapes = quantization.stored_shapes(math.prod(kernel_shape), kind, block)
+    parts = {}
+    for name, (shape, dtype) in shapes.items():
+      names = (ax.QUANTIZED,) * len(shape)
+      # (Flax also calls the initializer abstractly in apply, to check the shape.)
+      init_part = lambda *_, n=name, s=shape, d=dtype: (
+          stored[n] if stored is not None else jnp.zeros(s, d))
+      parts[name] = self.param(f'kernel_{name}', nn.with_logical_partitioning(init_part, names))
+    return quantization.dequantize(parts, kernel_shape)
 
   def _peft_method(self) -> Optional[cfg.PeftMethod]:
     """LoRA or IA3 when this layer's path matches the PEFT targets, else None."""

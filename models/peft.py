@@ -154,3 +154,53 @@ def unmerge_lora(merged: Params, lora: Params, peft: cfg.PeftConfig) -> Dict[str
   """Inverse of `merge_lora`: `merged` (a plain tree) minus (alpha / r) A B for the A and B in
   `lora` (a tree holding at least the `lora_a`/`lora_b` leaves); returns the LoRA tree."""
   return _map_lora(combine(split(lora, _TRAINABLE[cfg.PeftMethod.LORA])[0], merged), peft, -1.0)
+
+
+# --- a quantized frozen base (QLoRA) -------------------------------------------------
+def _quantized_parts(node: Mapping[str, Any]) -> Dict[str, Any]:
+  return {k[len('kernel_'):]: v for k, v in node.items()
+          if k.startswith('kernel_') and k != 'kernel_init'}
+
+
+def quantize_like(base: Params, target: Params, peft_config: cfg.PeftConfig) -> Dict[str, Any]:
+  """`base` (a plain parameter tree) with each kernel the quantized model stores quantized
+  (where `target`, its abstract parameters, holds `kernel_codes`) replaced by its parts;
+  scanned kernels are quantized layer by layer. Other leaves are kept."""
+  from models import quantization  # pylint: disable=g-import-not-at-top
+  kind, block = peft_config.quantization.value, peft_config.quantization_block_size
+  out = {}
+  for k, v in base.items():
+    t = target.get(k) if isinstance(target, Mapping) else None
+    if isinstance(v, Mapping) and isinstance(t, Mapping) and 'kernel_codes' in t and 'kernel' in v:
+      lead = t['kernel_codes'].ndim - 1  # stacked (scanned) layer axes
+      w = v['kernel']
+      flat = w.reshape((-1,) + w.shape[lead:])
+      parts = jax.vmap(lambda x: quantization.quantize(x, kind, block))(flat)
+      out[k] = {n: x for n, x in v.items() if n != 'kernel'}
+      for name, x in parts.items():
+        out[k][f'kernel_{name}'] = x.reshape(w.shape[:lead] + x.shape[1:])
+    elif isinstance(v, Mapping):
+      out[k] = quantize_like(v, t if isinstance(t, Mapping) else {}, peft_config)
+    else:
+      out[k] = v
+  return out
+
+
+def dequantize_like(params: Params, plain: Params) -> Dict[str, Any]:
+  """The plain tree (f32 kernels of the shapes in `plain`, abstract) from a quantized one."""
+  from models import quantization  # pylint: disable=g-import-not-at-top
+  out = {}
+  for k, v in params.items():
+    p = plain.get(k) if isinstance(plain, Mapping) else None
+    if isinstance(v, Mapping) and 'kernel_codes' in v and isinstance(p, Mapping):
+      shape = p['kernel'].shape
+      lead = v['kernel_codes'].ndim - 1
+      parts = {n: x.reshape((-1,) + x.shape[lead:]) for n, x in _quantized_parts(v).items()}
+      w = jax.vmap(lambda s: quantization.dequantize(s, shape[lead:]))(parts)
+      out[k] = {n: x for n, x in v.items() if not n.startswith('kernel_')}
+      out[k]['kernel'] = w.reshape(shape).astype(p['kernel'].dtype)
+    elif isinstance(v, Mapping):
+      out[k] = dequantize_like(v, p if isinstance(p, Mapping) else {})
+    else:
+      out[k] = v
+  return out

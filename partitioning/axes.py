@@ -18,9 +18,10 @@ RELPOS_BUCKETS = 'relpos_buckets'  # T5 relative-position buckets
 ABSPOS = 'abspos'  # rows of a learned absolute position table
 EXPERT = 'expert'  # mixture-of-experts experts
 ADAPTER = 'adapter'  # fine-tuning's small dims: LoRA rank, adapter bottleneck, virtual tokens
+QUANTIZED = 'quantized'  # the flat blocks of a quantized frozen kernel (QLoRA)
 
 LOGICAL = (BATCH, LENGTH, EMBED, MLP, HEADS, KV_HEADS, HEAD_DIM, VOCAB, LAYERS,
-           RELPOS_BUCKETS, ABSPOS, EXPERT, ADAPTER)
+           RELPOS_BUCKETS, ABSPOS, EXPERT, ADAPTER, QUANTIZED)
 
 # Mesh axes (physical): what the logical names above are mapped onto.
 DATA = 'data'  # pure data parallelism: batch split, parameters replicated

@@ -49,5 +49,6 @@ def standard_rules(fsdp: bool = True,
       (ax.RELPOS_BUCKETS, None),
       (ax.ABSPOS, None),
       (ax.ADAPTER, None),  # small: replicated
+      (ax.QUANTIZED, None),  # flat 4/8-bit blocks: replicated (any length)
   ]
   return tuple(extra or ()) + tuple(rules)

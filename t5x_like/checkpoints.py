@@ -417,6 +417,39 @@ class ParamsCheckpoint(InitialCheckpoint):
             f'and data{added})')
 
 
+class ConvertedCheckpoint(InitialCheckpoint):
+  """Parameters saved in another layout than the model's, converted when restored (a
+  QLoRA run starts from a checkpoint of f32 kernels and keeps them quantized).
+
+  Args:
+    path, setting: as `InitialCheckpoint`.
+    saved_abstract: the parameter tree (ShapeDtypeStructs) the checkpoint must hold.
+    convert: (restored parameters, the model's fresh parameters) -> the run's
+      starting parameters, in the model's layout and shardings.
+    what: a few words for `describe`, e.g. 'quantized to nf4'.
+  """
+
+  def __init__(self, path: str, saved_abstract: Any, convert: Callable[[Any, Any], Any],
+               what: str, setting: str = 'train.initial_checkpoint'):
+    super().__init__(path, setting)
+    self.saved_abstract = saved_abstract
+    self.convert = convert
+    self.what = what
+
+  def _check(self, saved, abstract_params):
+    del abstract_params
+    fix = f'point {self.setting} at a run of the base model (without its PEFT parameters)'
+    _compare(_flat_shapes(saved), _flat_shapes(self.saved_abstract), self.step, self.directory,
+             fix)
+
+  def restore(self, params):
+    return self.convert(restore_params(self.directory, self.step, self.saved_abstract), params)
+
+  def describe(self):
+    return (f'initialised parameters from {self.directory} step {self.step}, {self.what} '
+            '(fresh optimizer and data)')
+
+
 # --- digests -----------------------------------------------------------------------
 
 def _words(x: jax.Array) -> jax.Array:

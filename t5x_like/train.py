@@ -19,6 +19,7 @@ import re
 import time
 from typing import Any, Dict, Optional, Sequence, Union
 
+import flax.linen as flax_nn
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -26,6 +27,7 @@ import numpy as np
 from models import config as model_config
 from models import model as model_lib
 from models import param_count
+from models import peft
 from models import preference
 from partitioning import partitioner as partitioner_lib
 from t5x_like import checkpoints
@@ -146,7 +148,8 @@ def train(*,
   if eval_split:
     eval_dataset = dataclasses.replace(train_dataset, split=eval_split, shuffle=False)
     pipeline.validate(eval_dataset, model)
-  initial = _initial_checkpoint(initial_checkpoint, initial_checkpoint_upcycle, model)
+  initial = _initial_checkpoint(initial_checkpoint, initial_checkpoint_upcycle, model,
+                                train_dataset.task_feature_lengths)
   data = pipeline.InputIterator(train_dataset, model,
                                 partitioner.host_slice(train_dataset.batch_size))
   # Restored and verified before anything is written: a checkpoint that fails
@@ -394,7 +397,7 @@ def _write_config(model_dir: str, config_str: str, start_step: int) -> None:
     f.write(config_str)
 
 
-def _initial_checkpoint(initial_checkpoint, upcycle_flag: bool, model
+def _initial_checkpoint(initial_checkpoint, upcycle_flag: bool, model, lengths
                         ) -> Optional[checkpoints.InitialCheckpoint]:
   """The InitialCheckpoint that train()'s two gin arguments describe."""
   if upcycle_flag and not initial_checkpoint:
@@ -405,8 +408,34 @@ def _initial_checkpoint(initial_checkpoint, upcycle_flag: bool, model
     return initial_checkpoint
   if upcycle_flag:
     return upcycle.UpcycleCheckpoint(initial_checkpoint, model.config)
+  peft_config = model.config.peft
+  if (peft_config is not None and peft_config.quantization != model_config.BaseQuantization.NONE
+      and isinstance(model, model_lib.BaseModel)):
+    return _quantized_base(initial_checkpoint, model, lengths)
   # A PEFT model starts from its base: the parameters the method adds start fresh.
   return checkpoints.ParamsCheckpoint(initial_checkpoint, added=model.added_pattern())
+
+
+def _quantized_base(path: str, model: model_lib.BaseModel, lengths) -> checkpoints.InitialCheckpoint:
+  """QLoRA: the base run's f32 kernels, quantized as they are restored."""
+  base = model.without_peft()
+  dummy = base.dummy_batch(1, lengths)
+  saved_abstract = jax.eval_shape(lambda: flax_nn.unbox(base.init_variables(
+      jax.random.PRNGKey(0), dummy)['params']))
+  added = model.added_pattern()
+  config = model.config.peft
+
+  def convert(restored, params):
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    target = jax.eval_shape(lambda: params)
+    fn = jax.jit(lambda r, p: peft.combine(peft.split(p, added)[0],
+                                           peft.quantize_like(r, target, config)),
+                 out_shardings=shardings)
+    return fn(restored, params)
+
+  return checkpoints.ConvertedCheckpoint(
+      path, saved_abstract, convert, f'its dense kernels quantized to '
+      f'{config.quantization.value}; the {config.method.value} parameters fresh')
 
 
 def run(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> Dict[str, Any]:

@@ -39,6 +39,7 @@ def _bits(tree):
     (cfg.PeftConfig(method='adapters', adapter_dim=8), {}, None),
     (cfg.PeftConfig(method='bitfit'), dict(use_bias=True), None),
     (LORA, {}, r'lora_|decoder_norm'),
+    (cfg.PeftConfig(method='lora', targets='.', quantization='nf4'), {}, None),
 ])
 def test_only_the_chosen_parameters_train(method, overrides, extra):
   model = model_lib.DecoderOnlyModel(tu.tiny_decoder(peft=method, **overrides))
@@ -144,3 +145,18 @@ def test_lora_run_starts_from_a_base_and_keeps_it(tmp_path, capsys):
   for k, v in base.items():
     np.testing.assert_array_equal(np.asarray(tuned[k]), np.asarray(v), err_msg=k)
   assert any(np.abs(np.asarray(v)).max() > 0 for k, v in tuned.items() if k.endswith('lora_b'))
+
+
+def test_qlora_run_quantizes_its_base(tmp_path, capsys):
+  base_dir, qlora_dir = str(tmp_path / 'base'), str(tmp_path / 'qlora')
+  train_lib.run(FILES, _bindings(base_dir, 2))
+  result = train_lib.run(FILES + ['peft/qlora.gin'], _bindings(
+      qlora_dir, 6, f"train_lib.train.initial_checkpoint = '{base_dir}'", 'LEARNING_RATE = 1e-2'))
+  assert 'dense kernels quantized to nf4' in capsys.readouterr().out
+  assert result['step'] == 6 and np.isfinite(result['train_loss'])
+  base = checkpoints.restore_params(*checkpoints.resolve(base_dir))
+  tuned = peft.flat(checkpoints.restore_params(*checkpoints.resolve(qlora_dir)))
+  want = peft.flat(peft.quantize_like(base, {k: v for k, v in peft.unflat(tuned).items()},
+                                      cfg.PeftConfig(quantization='nf4')))
+  for k, v in want.items():  # the frozen base: the quantized base run, bit for bit
+    np.testing.assert_array_equal(np.asarray(tuned[k]), np.asarray(v), err_msg=k)
