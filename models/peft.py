@@ -204,3 +204,64 @@ def dequantize_like(params: Params, plain: Params) -> Dict[str, Any]:
     else:
       out[k] = v
   return out
+
+
+def _merge_ia3(params: Params) -> Dict[str, Any]:
+  out = {}
+  for k, v in params.items():
+    if isinstance(v, Mapping) and 'ia3_scale' in v and 'kernel' in v:
+      kernel, scale = v['kernel'], v['ia3_scale'].astype(jnp.float32)
+      extra = kernel.ndim - scale.ndim
+      if k == 'wo':  # scales the input (the MLP hidden): the kernel's leading dims
+        factor = scale.reshape(scale.shape + (1,) * extra)
+      else:  # scales the output: the kernel's trailing dims (and the bias)
+        # A scanned scale is [layers, out...], its kernel [layers, in..., out...].
+        n_out = _ia3_output_dims(kernel, scale)
+        n_layer = scale.ndim - n_out
+        factor = scale.reshape(scale.shape[:n_layer] + (1,) * extra + scale.shape[n_layer:])
+      out[k] = {n: x for n, x in v.items() if n != 'ia3_scale'}
+      out[k]['kernel'] = (kernel.astype(jnp.float32) * factor).astype(kernel.dtype)
+      if 'bias' in v and k != 'wo':
+        out[k]['bias'] = (v['bias'].astype(jnp.float32) * scale).astype(v['bias'].dtype)
+    elif isinstance(v, Mapping):
+      out[k] = _merge_ia3(v)
+    else:
+      out[k] = v
+  return out
+
+
+def _ia3_output_dims(kernel, scale) -> int:
+  """How many trailing dims of `scale` are the kernel's output dims."""
+  for n in range(scale.ndim, 0, -1):
+    if tuple(kernel.shape[-n:]) == tuple(scale.shape[-n:]) and (
+        scale.ndim == n or tuple(kernel.shape[:scale.ndim - n]) == tuple(scale.shape[:-n])):
+      return n
+  raise ValueError(f'ia3_scale {scale.shape} does not fit kernel {kernel.shape}')
+
+
+def merge_into_base(params: Params, peft_config: Optional[cfg.PeftConfig],
+                    plain: Params) -> Dict[str, Any]:
+  """The plain model's parameters (the config with `peft=None`) equal to a PEFT model's:
+  a quantized base dequantized, LoRA's (alpha / r) A B and IA3's scales folded into the
+  kernels; BitFit's biases are plain already.
+
+  Args:
+    params: the PEFT model's parameters.
+    peft_config: its PEFT config (None: `params` are returned as they are).
+    plain: the plain model's abstract parameters (shapes of the f32 kernels).
+
+  Raises:
+    ConfigError: for adapters, which add layers no plain model has.
+  """
+  if peft_config is None:
+    return dict(params)
+  if peft_config.method == cfg.PeftMethod.ADAPTERS:
+    raise cfg.ConfigError('adapters add layers that the plain model does not have, so they '
+                          'cannot be merged into it: use the run with its PEFT config, or LoRA')
+  if peft_config.quantization != cfg.BaseQuantization.NONE:
+    params = dequantize_like(params, plain)
+  if peft_config.method == cfg.PeftMethod.LORA:
+    params = merge_lora(params, peft_config)
+  elif peft_config.method == cfg.PeftMethod.IA3:
+    params = _merge_ia3(params)
+  return dict(params)

@@ -127,11 +127,12 @@ class DpoModel:
     return f'^(?!{REFERENCE}/)' if self.holds_reference_copy else None
 
   def added_pattern(self) -> Optional[str]:
-    """Parameters an initial checkpoint of the policy lacks: PEFT additions, and the
-    reference copy (then made from the restored policy by `with_reference`)."""
-    parts = [p for p in (self.policy.added_pattern(),
-                         f'^{REFERENCE}/' if self.holds_reference_copy else None) if p]
-    return '|'.join(f'(?:{p})' for p in parts) or None
+    """Parameters an initial checkpoint of the policy lacks (the PEFT method's)."""
+    return self.policy.added_pattern()
+
+  def derived_pattern(self) -> Optional[str]:
+    """Parameters made from the restored policy (`with_reference`): the reference copy."""
+    return f'^{REFERENCE}/' if self.holds_reference_copy else None
 
   def _base_params(self, params):
     return peft.split(params, self.policy.added_pattern())[1]

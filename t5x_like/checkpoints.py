@@ -369,6 +369,10 @@ class InitialCheckpoint(abc.ABC):
     """One line for the console: what was restored from where."""
 
 
+# Saved parameters a model reading a checkpoint may leave: a DPO run's frozen reference.
+SAVED_ONLY = r'^reference/'
+
+
 class ParamsCheckpoint(InitialCheckpoint):
   """The parameters of a run of the same model, copied as they are.
 
@@ -381,28 +385,44 @@ class ParamsCheckpoint(InitialCheckpoint):
   """
 
   def __init__(self, path: str, setting: str = 'train.initial_checkpoint',
-               added: Optional[str] = None):
+               added: Optional[str] = None, derived: Optional[str] = None,
+               ignored: Optional[str] = SAVED_ONLY):
+    """derived: parameters made from the restored ones afterwards (DPO's reference copy):
+    neither read nor initialised here. ignored: saved parameters the model does not use
+    (by default a DPO run's frozen `reference/` copy: the policy is the model)."""
     super().__init__(path, setting)
     self.added = added
+    self.derived = derived
+    self.ignored = ignored
     self._fresh: List[str] = []
+    self._skipped: List[str] = []
 
   def _check(self, saved, abstract_params):
     fix = (f'use the same model config as the run that wrote it ({self.setting} loads '
            'params only)')
     saved_flat, want_flat = _flat_shapes(saved), _flat_shapes(abstract_params)
+    if self.derived is not None:
+      regex = re.compile(self.derived)
+      derived = [k for k in want_flat if regex.search(k)]
+      want_flat = {k: v for k, v in want_flat.items() if k not in derived}
     if self.added is not None:
       regex = re.compile(self.added)
       self._fresh = [k for k in want_flat if k not in saved_flat and regex.search(k)]
       want_flat = {k: v for k, v in want_flat.items() if k not in self._fresh}
+    self._skipped = [k for k in _flat_shapes(abstract_params) if k not in want_flat]
+    if self.ignored is not None:
+      regex = re.compile(self.ignored)
+      saved_flat = {k: v for k, v in saved_flat.items()
+                    if k in want_flat or not regex.search(k)}
     _compare(saved_flat, want_flat, self.step, self.directory, fix)
 
   def restore(self, params):
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             params)
-    if not self._fresh:
+    if not self._skipped:
       return restore_params(self.directory, self.step, abstract)
     flat_abstract = traverse_util.flatten_dict(abstract, sep='/')
-    fresh = set(self._fresh)
+    fresh = set(self._skipped)
     wanted = traverse_util.unflatten_dict(
         {k: v for k, v in flat_abstract.items() if k not in fresh}, sep='/')
     restored = traverse_util.flatten_dict(restore_params(self.directory, self.step, wanted),

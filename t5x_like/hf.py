@@ -27,10 +27,12 @@ import os
 import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import flax.linen
 import jax
 import numpy as np
 
 from models import config as cfg
+from models import peft
 from models import model as model_lib
 from partitioning import mesh as mesh_lib
 from partitioning import partitioner as partitioner_lib
@@ -850,11 +852,18 @@ def export_checkpoint(model_dir: str, hf_dir: str, step: Optional[int] = None) -
     raise HfError(f'{model_dir} has no config.gin: export a MODEL_DIR written by train or '
                   'hf import')
   model = gin_utils.model_from_gin([config_path])
+  peft_config = model.config.peft
+  if peft_config is not None:  # exported as the plain model it equals (LoRA, IA3 folded in)
+    model = model.without_peft()
   kind = family_for_export(model)
   hf = hf_config(kind, model)
   path = model_dir if step is None else os.path.join(model_dir, 'checkpoints', str(step))
   directory, found = checkpoints.resolve(path, '--model_dir')
   params = checkpoints.restore_params(directory, found)
+  if peft_config is not None:
+    plain = jax.eval_shape(lambda: flax.linen.unbox(model.init_variables(
+        jax.random.PRNGKey(0), model.dummy_batch(1, {'inputs': 8, 'targets': 8}))['params']))
+    params = peft.merge_into_base(params, peft_config, plain)
   flat = {k: np.asarray(v) for k, v in _flat(jax.device_get(params)).items()}
   c = model.config
   family = Family(kind, kind == 't5', {}, {})

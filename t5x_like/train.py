@@ -224,6 +224,8 @@ def train(*,
         params = initial.restore(state.params)
         if hasattr(model, 'with_reference'):  # DPO's frozen reference: the restored policy
           params = model.with_reference(params)
+          if model.holds_reference_copy:
+            loop.chief_print('the DPO reference: a frozen copy of these parameters')
         state = state.replace(params=params)
         loop.chief_print(initial.describe())
 
@@ -413,7 +415,8 @@ def _initial_checkpoint(initial_checkpoint, upcycle_flag: bool, model, lengths
       and isinstance(model, model_lib.BaseModel)):
     return _quantized_base(initial_checkpoint, model, lengths)
   # A PEFT model starts from its base: the parameters the method adds start fresh.
-  return checkpoints.ParamsCheckpoint(initial_checkpoint, added=model.added_pattern())
+  return checkpoints.ParamsCheckpoint(initial_checkpoint, added=model.added_pattern(),
+                                      derived=getattr(model, 'derived_pattern', lambda: None)())
 
 
 def _quantized_base(path: str, model: model_lib.BaseModel, lengths) -> checkpoints.InitialCheckpoint:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from models import param_count
+from models import peft
 from t5x_like import gin_utils
 
 MODEL_FILES = gin_utils.shipped_files('models')
@@ -109,3 +110,15 @@ def test_misspelled_override_on_the_command_line():
 def test_missing_gin_file():
   with pytest.raises(gin_utils.GinError, match="gin file 'nope.gin' not found"):
     gin_utils.parse(['nope.gin'], [])
+
+
+@pytest.mark.parametrize('peft_file', gin_utils.shipped_files('peft'), ids=os.path.basename)
+def test_peft_files_build_on_a_model(peft_file):
+  method = os.path.basename(peft_file)[:-len('.gin')]
+  model_file = 'models/bloom/tiny.gin' if method == 'bitfit' else 'models/llama/tiny.gin'
+  model = gin_utils.model_from_gin([model_file, peft_file])
+  assert model.config.peft.method.value == ('lora' if method == 'qlora' else method)
+  abstract = jax.eval_shape(lambda: model.init_variables(
+      jax.random.PRNGKey(0), model.dummy_batch(1, {'targets': 8}))['params'])
+  trained, _ = peft.split(abstract, model.trainable_pattern())
+  assert peft.flat(trained)

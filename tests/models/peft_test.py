@@ -118,3 +118,30 @@ def test_bitfit_trains_dense_biases():
   trained, frozen = peft.split(params, peft.trainable_pattern(model.config.peft))
   assert all(k.endswith('/bias') for k in peft.flat(trained))
   assert not any(k.endswith('/bias') for k in peft.flat(frozen))
+
+
+@pytest.mark.parametrize('peft_config,overrides', [
+    (cfg.PeftConfig(method='ia3'), {}),
+    (cfg.PeftConfig(method='ia3', targets='.'), dict(scan_layers=False, use_bias=True)),
+    (cfg.PeftConfig(method='lora', targets='.', quantization='nf4'), {}),
+    (cfg.PeftConfig(method='lora', targets='.'), dict(use_bias=True, num_kv_heads=1)),
+], ids=['ia3', 'ia3-unrolled-bias', 'qlora', 'lora-bias'])
+def test_merged_into_the_plain_model(peft_config, overrides):
+  """A trained PEFT model equals the plain model with its changes folded into the kernels."""
+  tuned = model_lib.DecoderOnlyModel(tu.tiny_decoder(peft=peft_config, **overrides))
+  plain_model = tuned.without_peft()
+  batch = tu.random_batch(tuned, 2, {'targets': 16})
+  params = tu.init_params(tuned, batch)
+  keys = iter(jax.random.split(jax.random.PRNGKey(3), 99))
+  params = peft.unflat({k: (v + 0.3 * jax.random.normal(next(keys), v.shape) if k.endswith(
+      ('lora_b', 'ia3_scale')) else v) for k, v in peft.flat(params).items()})
+  plain = jax.eval_shape(lambda: tu.init_params(plain_model, batch))
+  merged = peft.merge_into_base(params, peft_config, plain)
+  assert jax.tree.map(jnp.shape, merged) == jax.tree.map(jnp.shape, plain)
+  np.testing.assert_allclose(plain_model.apply(merged, batch), tuned.apply(params, batch),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_adapters_cannot_merge():
+  with pytest.raises(cfg.ConfigError, match='adapters add layers'):
+    peft.merge_into_base({}, cfg.PeftConfig(method='adapters'), {})

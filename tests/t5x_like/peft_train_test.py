@@ -11,6 +11,7 @@ from models import peft
 from partitioning import mesh as mesh_lib
 from partitioning import partitioner as partitioner_lib
 from t5x_like import checkpoints
+from t5x_like import hf
 from t5x_like import optimizers
 from t5x_like import train as train_lib
 from t5x_like import trainer as trainer_lib
@@ -145,6 +146,17 @@ def test_lora_run_starts_from_a_base_and_keeps_it(tmp_path, capsys):
   for k, v in base.items():
     np.testing.assert_array_equal(np.asarray(tuned[k]), np.asarray(v), err_msg=k)
   assert any(np.abs(np.asarray(v)).max() > 0 for k, v in tuned.items() if k.endswith('lora_b'))
+  # Exported to Hugging Face as the plain model it equals: LoRA folded into the kernels.
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  exported = {}
+  for name, d in (('base', base_dir), ('lora', lora_dir)):
+    hf.export_checkpoint(d, str(tmp_path / f'hf_{name}'))
+    exported[name] = load_file(str(tmp_path / f'hf_{name}' / 'model.safetensors'))
+  assert exported['base'].keys() == exported['lora'].keys()
+  changed = {k for k in exported['base']
+             if not np.array_equal(exported['base'][k], exported['lora'][k])}
+  assert changed == {f'model.layers.{i}.self_attn.{p}_proj.weight' for i in range(2)
+                     for p in ('q', 'v')}
 
 
 def test_qlora_run_quantizes_its_base(tmp_path, capsys):
