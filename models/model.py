@@ -115,10 +115,18 @@ class BaseModel(abc.ABC):
     """The parameters a checkpoint of the base model lacks (the PEFT method's)."""
     return peft.added_pattern(self.config.peft)
 
-  def without_peft(self) -> 'BaseModel':
-    """The same model without its PEFT parameters (the base it started from)."""
+  def without_peft(self, keep_quantization: bool = False) -> 'BaseModel':
+    """The same model without its PEFT parameters (the base it started from); with
+    `keep_quantization`, a quantized base stays quantized (the parameters it reads are
+    then the PEFT model's frozen ones)."""
     base = copy.copy(self)
-    base.config = dataclasses.replace(self.config, peft=None)
+    peft_config = None
+    if keep_quantization and self.config.peft is not None and (
+        self.config.peft.quantization != cfg.BaseQuantization.NONE):
+      # LoRA targeting no layer: only the quantized kernels remain.
+      peft_config = dataclasses.replace(self.config.peft, method=cfg.PeftMethod.LORA,
+                                        targets='(?!)')
+    base.config = dataclasses.replace(self.config, peft=peft_config)
     base.module = base._make_module(base.config)
     base._train_module = base.module.clone(deterministic=False)
     base.__dict__.pop('_decode_module', None)

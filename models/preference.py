@@ -21,16 +21,13 @@ summed over the response tokens):
   IPO (Azar et al., 2023):     (h - 1 / (2 beta))^2
 """
 
-import dataclasses
 import enum
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from models import config as cfg
-from models import losses
 from models import metrics as metrics_lib
 from models import model as model_lib
 from models import param_count
@@ -76,7 +73,7 @@ def preference_loss(policy_chosen: Array, policy_rejected: Array, reference_chos
   return loss, beta * chosen_ratio, beta * rejected_ratio
 
 
-def _side(batch: Mapping[str, Array], side: str) -> Dict[str, Array]:
+def side_batch(batch: Mapping[str, Array], side: str) -> Dict[str, Array]:
   n = len(side) + 1
   return {k[n:]: v for k, v in batch.items() if k.startswith(side + '_')}
 
@@ -104,7 +101,8 @@ class DpoModel:
     self.reference = cfg._coerce(Reference, reference, 'DpoModel.reference')  # pylint: disable=protected-access
     self.encoder_decoder = isinstance(policy, model_lib.EncoderDecoderModel)
     # The reference of a PEFT policy: the same model without the PEFT parameters.
-    self._base = policy.without_peft() if policy.config.peft is not None else None
+    self._base = (policy.without_peft(keep_quantization=True)
+                  if policy.config.peft is not None else None)
     side_features = policy.FEATURES + policy.OPTIONAL_FEATURES
     self.FEATURES = tuple(f'{s}_{k}' for s in SIDES for k in side_features)  # pylint: disable=invalid-name
     if self.reference == Reference.PRECOMPUTED:
@@ -174,7 +172,7 @@ class DpoModel:
     return 2 * one * (4 / 3 if self.reference == Reference.ON_THE_FLY else 1)
 
   def init_variables(self, rng: Array, batch: Mapping[str, Array]):
-    variables = self.policy.init_variables(rng, _side(batch, 'chosen'))
+    variables = self.policy.init_variables(rng, side_batch(batch, 'chosen'))
     if self.holds_reference_copy:
       params = dict(variables['params'])
       params[REFERENCE] = variables['params']
@@ -182,8 +180,8 @@ class DpoModel:
     return variables
 
   # --- the loss ----------------------------------------------------------------------
-  def _sequence_scores(self, model, params, batch, dropout_rng=None):
-    """Summed response log-likelihoods [batch], per-token log-probs over the vocabulary
+  def sequence_scores(self, model, params, batch, dropout_rng=None):
+    """(Public: scripts/precompute_reference.py scores with it.) Summed response log-likelihoods [batch], per-token log-probs over the vocabulary
     [batch, length, vocab] and the response mask [batch, length]."""
     logits = model.apply(params, batch, dropout_rng)
     logp_all = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -194,8 +192,8 @@ class DpoModel:
 
   def _reference_scores(self, params, batch):
     if self._base is not None:
-      return self._sequence_scores(self._base, self._base_params(params), batch)
-    return self._sequence_scores(self.policy, params[REFERENCE], batch)
+      return self.sequence_scores(self._base, self._base_params(params), batch)
+    return self.sequence_scores(self.policy, params[REFERENCE], batch)
 
   def loss_fn(self, params, batch, dropout_rng=None, token_groups=None
               ) -> Tuple[Array, metrics_lib.Metrics]:
@@ -207,9 +205,9 @@ class DpoModel:
     policy = self.policy_params(params)
     scores, ref_scores, kl_sum, tokens = {}, {}, 0.0, 0.0
     for i, side in enumerate(SIDES):
-      b = _side(batch, side)
+      b = side_batch(batch, side)
       key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-      scores[side], logp_all, w = self._sequence_scores(self.policy, policy, b, key)
+      scores[side], logp_all, w = self.sequence_scores(self.policy, policy, b, key)
       if self.reference == Reference.PRECOMPUTED:
         ref_scores[side] = batch[f'reference_{side}_log_likelihood'].astype(jnp.float32)
       else:

@@ -260,6 +260,12 @@ def _compare(saved_flat, want_flat, step, directory, fix):
                           f'model does not: {fix}')
 
 
+def compare_params(saved: Any, want: Any, step: int, directory: str, fix: str) -> None:
+  """Raises CheckpointError (one line, ending in `fix`) unless the saved parameter tree has
+  exactly `want`'s names, shapes and dtypes."""
+  _compare(_flat_shapes(saved), _flat_shapes(want), step, directory, fix)
+
+
 def _flat_shapes(tree) -> Dict[str, Tuple[tuple, Optional[str]]]:
   def dtype(x):
     d = getattr(x, 'dtype', None)
@@ -992,6 +998,19 @@ def main(argv: Optional[List[str]] = None) -> int:
   return 1 if failed else 0
 
 
+@dataclasses.dataclass(frozen=True)
+class StateView:
+  """What a checkpoint holds of a train state whose frozen parameters live elsewhere.
+
+  saved: state -> the part written (e.g. only the trained parameters); works on
+    abstract states too.
+  full: (restored part, a current state) -> the whole state (the frozen parameters
+    taken from the current one).
+  """
+  saved: Callable[[Any], Any]
+  full: Callable[[Any, Any], Any]
+
+
 class Checkpointer:
   """Saves and restores (state, data-iterator state, loop state) at steps.
 
@@ -1005,10 +1024,13 @@ class Checkpointer:
     async_save: write in a background thread after copying arrays to host.
     streamed: `state` may hold StreamedArrays (written piece by piece; saves
       wait until written).
+    view: write only part of each state (`StateView`); None: all of it.
   """
 
   def __init__(self, model_dir: str, keep: int = 3, keep_period: Optional[int] = None,
-               async_save: bool = True, streamed: bool = False):
+               async_save: bool = True, streamed: bool = False,
+               view: Optional[StateView] = None):
+    self.view = view
     if keep < 1:
       raise CheckpointError(f'keep={keep} must be at least 1: set train.keep_checkpoints')
     self.directory = checkpoint_dir(model_dir)
@@ -1038,6 +1060,8 @@ class Checkpointer:
     Raises:
       NonFiniteStateError: `state` holds a NaN or infinity (nothing is written).
     """
+    if self.view is not None:
+      state = self.view.saved(state)
     digests, nonfinite = digests or state_digests(state)
     if nonfinite:
       raise NonFiniteStateError(
@@ -1072,14 +1096,19 @@ class Checkpointer:
           pass
         self._unlisted.remove(step)
 
-  def restore(self, step: int, abstract_state: Any) -> Restored:
-    """Restores and verifies onto the shardings carried by `abstract_state` (any mesh).
+  def restore(self, step: int, abstract_state: Any, current: Any = None) -> Restored:
+    """Restores and verifies onto the shardings carried by `abstract_state` (any mesh);
+    with a `view`, the rest of the state comes from `current`.
 
     Raises:
       CorruptCheckpoint: it cannot be read or fails verification.
     """
     self.wait()
-    return _agree(_read, self.manager, self.directory, step, abstract_state)
+    if self.view is None:
+      return _agree(_read, self.manager, self.directory, step, abstract_state)
+    restored = _agree(_read, self.manager, self.directory, step, self.view.saved(abstract_state))
+    restored.state = self.view.full(restored.state, current)
+    return restored
 
   def saving(self) -> bool:
     """Whether a save is still being written in the background."""

@@ -81,7 +81,7 @@ def evaluate(*,
   _check_settings(locals())
   pipeline.validate(dataset, model)
   abstract = infer_lib.abstract_params(model, partitioner)
-  to_evaluate = _checkpoints(checkpoint_path, every_checkpoint, abstract)
+  to_evaluate = _checkpoints(checkpoint_path, every_checkpoint, abstract, model, partitioner)
   model_dir = os.path.dirname(to_evaluate[0].directory.rstrip('/'))
   if output_dir is None:
     output_dir = os.path.join(model_dir, 'evaluations',
@@ -161,18 +161,17 @@ def _check_settings(args) -> None:
                     _setting, 'bind it as gin/runs/eval.gin does')
 
 
-def _checkpoints(path, every: bool, abstract) -> List[checkpoints.ParamsCheckpoint]:
-  """The checkpoints to evaluate, each checked against the model (read-only)."""
+def _checkpoints(path, every: bool, abstract, model, partitioner
+                 ) -> List[checkpoints.InitialCheckpoint]:
+  """The checkpoints to evaluate, each checked against the model (read-only); a run that
+  saved only its trained parameters is read over its recorded frozen base."""
   setting = _setting('checkpoint_path', path)
-  first = infer_lib.checked_checkpoint(path, abstract, setting)
+  first = infer_lib.checked_checkpoint(path, abstract, setting, model, partitioner)
   if not every:
     return [first]
-  out = []
-  for step in checkpoints.all_steps(os.path.dirname(first.directory.rstrip('/'))):
-    ckpt = checkpoints.ParamsCheckpoint(os.path.join(first.directory, str(step)), setting)
-    ckpt.check(abstract)
-    out.append(ckpt)
-  return out
+  return [infer_lib.checked_checkpoint(os.path.join(first.directory, str(step)), abstract,
+                                       setting, model, partitioner)
+          for step in checkpoints.all_steps(os.path.dirname(first.directory.rstrip('/')))]
 
 
 def _check_output_dir(path) -> str:
@@ -223,7 +222,10 @@ def _seqio_metrics(evaluator, model, params, partitioner, config, step) -> Dict[
     indices, examples = examples_of(ds)
     records = infer_lib.generate_tokens(model, params, partitioner, examples, batch_size,
                                         config)
-    return list(zip(indices, (ids for ids, _ in records)))
+    # seqio stacks the predictions into one array: each row ends in EOS, then padding.
+    width = max((len(ids) for ids, _ in records), default=0) + 1
+    rows = [ids + [config.eos_id] + [0] * (width - len(ids) - 1) for ids, _ in records]
+    return list(zip(indices, rows))
 
   def score_fn(ds):
     indices, examples = examples_of(ds)

@@ -36,6 +36,7 @@ from models import peft
 from models import model as model_lib
 from partitioning import mesh as mesh_lib
 from partitioning import partitioner as partitioner_lib
+from t5x_like import adapters
 from t5x_like import checkpoints
 from t5x_like import gin_utils
 from t5x_like import infer as infer_lib
@@ -858,8 +859,15 @@ def export_checkpoint(model_dir: str, hf_dir: str, step: Optional[int] = None) -
   kind = family_for_export(model)
   hf = hf_config(kind, model)
   path = model_dir if step is None else os.path.join(model_dir, 'checkpoints', str(step))
-  directory, found = checkpoints.resolve(path, '--model_dir')
-  params = checkpoints.restore_params(directory, found)
+  if adapters.read_record(model_dir) is not None:  # trained parameters over a recorded base
+    tuned = gin_utils.model_from_gin([config_path])
+    part = partitioner_lib.Partitioner(mesh_lib.create_mesh((-1, 1, 1)))
+    abstract = infer_lib.abstract_params(tuned, part)
+    ckpt = infer_lib.checked_checkpoint(path, abstract, '--model_dir', tuned, part)
+    params, found = ckpt.restore(abstract), ckpt.step
+  else:
+    directory, found = checkpoints.resolve(path, '--model_dir')
+    params = checkpoints.restore_params(directory, found)
   if peft_config is not None:
     plain = jax.eval_shape(lambda: flax.linen.unbox(model.init_variables(
         jax.random.PRNGKey(0), model.dummy_batch(1, {'inputs': 8, 'targets': 8}))['params']))

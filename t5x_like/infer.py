@@ -32,6 +32,7 @@ import numpy as np
 
 from models import model as model_lib
 from partitioning import partitioner as partitioner_lib
+from t5x_like import adapters
 from t5x_like import checkpoints
 from t5x_like import cli
 from t5x_like import decoding
@@ -276,20 +277,27 @@ def abstract_params(model: model_lib.BaseModel, partitioner: partitioner_lib.Par
                       nn.unbox(boxed), shardings)
 
 
-def checked_checkpoint(path: Any, abstract: Any, setting: str = 'CHECKPOINT_PATH'
-                       ) -> checkpoints.ParamsCheckpoint:
-  """The checkpoint at `path`, checked (read-only) to fit `abstract` parameters."""
+def checked_checkpoint(path: Any, abstract: Any, setting: str = 'CHECKPOINT_PATH',
+                       model=None, partitioner=None, base: Optional[str] = None,
+                       base_setting: str = 'BASE_CHECKPOINT') -> checkpoints.InitialCheckpoint:
+  """The checkpoint at `path`, checked (read-only) to fit `abstract` parameters; a run
+  that saved only its trained parameters is read over its frozen base (`base`, or the one
+  it records: t5x_like/adapters.py)."""
   if not isinstance(path, str) or not path.strip():
     raise utils.InputError(f'{setting}={path!r} must name a MODEL_DIR or one of its '
                            'checkpoints/<step> folders')
-  ckpt = checkpoints.ParamsCheckpoint(path, setting)
+  if model is None:
+    ckpt = checkpoints.ParamsCheckpoint(path, setting)
+  else:
+    ckpt = adapters.params_checkpoint(path, model, {'inputs': 8, 'targets': 8}, base, setting,
+                                      base_setting, partitioner)
   ckpt.check(abstract)
   return ckpt
 
 
-def restore(ckpt: checkpoints.ParamsCheckpoint, abstract: Any) -> Any:
+def restore(ckpt: checkpoints.InitialCheckpoint, abstract: Any) -> Any:
   """The checkpoint's parameters (verified) on `abstract`'s shardings."""
-  return checkpoints.restore_params(ckpt.directory, ckpt.step, abstract)
+  return ckpt.restore(abstract)
 
 
 def check_output_file(path: Any, setting: str) -> str:
@@ -333,6 +341,7 @@ def infer(*,
           prompt_length: int = 64,
           batch_size: int = 8,
           decoding_config: Optional[decoding.DecodingConfig] = None,
+          base_checkpoint: Optional[str] = None,
           config_str: Optional[str] = None) -> Dict[str, Any]:
   """Predicts or scores examples with a checkpoint; writes JSONL to `output_file`.
 
@@ -352,6 +361,9 @@ def infer(*,
     batch_size: examples per compiled call (rounded up to a multiple of the
       data-parallel size; the last batch is padded).
     decoding_config: how to generate (mode 'predict').
+    base_checkpoint: for a run that saved only its trained parameters (PEFT):
+      another copy of its frozen base (default: the one it records); its digest
+      must match.
     config_str: the operative gin config (unused; passed by the CLI).
 
   Returns:
@@ -367,7 +379,9 @@ def infer(*,
   partitioner.check_experts(model.config.num_experts)
   abstract = abstract_params(model, partitioner)
   ckpt = checked_checkpoint(checkpoint_path, abstract, _setting('checkpoint_path',
-                                                                 checkpoint_path))
+                                                                 checkpoint_path),
+                            model, partitioner, base_checkpoint,
+                            _setting('base_checkpoint', base_checkpoint))
   examples = _examples(model, vocabulary, mode, input_file, mixture_or_task_name, split,
                        task_feature_lengths, num_examples, prompt_length)
   if any(e.input_text is not None or e.target_text is not None for e in examples):

@@ -497,7 +497,7 @@ class SpikeRecovery(Hook):
           f'restoring step {good} (loop.SpikePolicy.max_rollbacks={self.policy.max_rollbacks}); '
           f'stopping (last checkpoint: step {good}): lower the learning rate or check the data')
     spike_position = self.data.batches_consumed
-    restored = self.checkpointer.restore(good, self.abstract_state)
+    restored = self.checkpointer.restore(good, self.abstract_state, info.state)
     self.data.restore(restored.data)
     start = self.data.batches_consumed
     self.data.skip(spike_position + self.policy.skip_batches - start)

@@ -19,17 +19,15 @@ import re
 import time
 from typing import Any, Dict, Optional, Sequence, Union
 
-import flax.linen as flax_nn
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from models import config as model_config
 from models import model as model_lib
 from models import param_count
-from models import peft
 from models import preference
 from partitioning import partitioner as partitioner_lib
+from t5x_like import adapters
 from t5x_like import checkpoints
 from t5x_like import cli
 from t5x_like import decoding
@@ -39,7 +37,6 @@ from t5x_like import loop
 from t5x_like import optimizers
 from t5x_like import signals
 from t5x_like import trainer as trainer_lib
-from t5x_like import upcycle
 from t5x_like import utils
 from t5x_like import vocabularies
 from t5x_like.data import denoisers
@@ -148,18 +145,39 @@ def train(*,
   if eval_split:
     eval_dataset = dataclasses.replace(train_dataset, split=eval_split, shuffle=False)
     pipeline.validate(eval_dataset, model)
-  initial = _initial_checkpoint(initial_checkpoint, initial_checkpoint_upcycle, model,
-                                train_dataset.task_feature_lengths)
+  initial = adapters.initial_checkpoint(initial_checkpoint, initial_checkpoint_upcycle, model,
+                                        train_dataset.task_feature_lengths)
   data = pipeline.InputIterator(train_dataset, model,
                                 partitioner.host_slice(train_dataset.batch_size))
+  # A run that trains part of the model checkpoints only that part (and its optimizer
+  # state); the frozen rest is rebuilt from where the run started (adapters.py).
+  view = _partial_view(trainer) if trainer.partial else None
   # Restored and verified before anything is written: a checkpoint that fails
   # verification is passed over for the newest one that passes.
-  resumed = checkpoints.find_resumable(model_dir, trainer.abstract_state, loop.chief_print)
+  resumed = checkpoints.find_resumable(
+      model_dir, view.saved(trainer.abstract_state) if view else trainer.abstract_state,
+      loop.chief_print)
   if resumed is not None:
     data.restore(resumed.data, allow_changes=allow_data_changes)
-  elif initial is not None:
+  if initial is not None and (resumed is None or view is not None):
     initial.check(trainer.abstract_state.params)
   start_step = resumed.step if resumed else 0
+  start_state, frozen_record = None, None
+  if view is not None:  # the frozen parameters, checked against the record when resuming
+    start_state = _starting_state(trainer, model, initial)
+    frozen_record = adapters.record(trainer.trainable_pattern, trainer.frozen(start_state.params),
+                                    initial, seed)
+    earlier = adapters.read_record(model_dir)
+    if resumed is not None:
+      if earlier is None:
+        raise checkpoints.CheckpointError(
+            f'{model_dir} holds checkpoints of only the trained parameters but no '
+            f'{adapters.RECORD} saying what they were trained on: point MODEL_DIR at a new '
+            'directory')
+      adapters.check_digest(earlier, trainer.frozen(start_state.params), 'resuming',
+                            _setting('initial_checkpoint', initial_checkpoint))
+      start_state = resumed.state.replace(params=trainer.combine(
+          resumed.state.params, trainer.frozen(start_state.params)))
 
   lengths = train_dataset.task_feature_lengths
   flops_per_step = train_dataset.batch_size * model.flops_per_example(lengths)
@@ -209,24 +227,24 @@ def train(*,
       loop.chief_print(f'set the damaged checkpoint aside: {moved}')
     if config_str is not None:
       _write_config(model_dir, config_str, start_step)
+    if frozen_record is not None:
+      adapters.write_record(model_dir, frozen_record)
   if jax.process_count() > 1:
     # Every process opens the checkpoint directory after the damaged steps moved away.
     multihost_utils.sync_global_devices('t5x_like:model_dir_ready')
   ckpt = checkpoints.Checkpointer(model_dir, keep=keep_checkpoints, keep_period=keep_period,
-                                  async_save=async_checkpointing)
+                                  async_save=async_checkpointing, view=view)
   writer = loop.MetricsWriter(model_dir, is_chief, tensorboard)
   try:
-    if resumed is not None:
+    if start_state is not None:
+      state = start_state
+      if resumed is None and initial is not None:
+        loop.chief_print(initial.describe())
+    elif resumed is not None:
       state = resumed.state
     else:
-      state = trainer.init_state()
+      state = _starting_state(trainer, model, initial)
       if initial is not None:
-        params = initial.restore(state.params)
-        if hasattr(model, 'with_reference'):  # DPO's frozen reference: the restored policy
-          params = model.with_reference(params)
-          if model.holds_reference_copy:
-            loop.chief_print('the DPO reference: a frozen copy of these parameters')
-        state = state.replace(params=params)
         loop.chief_print(initial.describe())
 
     spike = None
@@ -399,46 +417,26 @@ def _write_config(model_dir: str, config_str: str, start_step: int) -> None:
     f.write(config_str)
 
 
-def _initial_checkpoint(initial_checkpoint, upcycle_flag: bool, model, lengths
-                        ) -> Optional[checkpoints.InitialCheckpoint]:
-  """The InitialCheckpoint that train()'s two gin arguments describe."""
-  if upcycle_flag and not initial_checkpoint:
-    raise model_config.ConfigError(
-        'train.initial_checkpoint_upcycle = True needs train.initial_checkpoint: set '
-        'INITIAL_CHECKPOINT to the dense run to upcycle')
-  if initial_checkpoint is None or isinstance(initial_checkpoint, checkpoints.InitialCheckpoint):
-    return initial_checkpoint
-  if upcycle_flag:
-    return upcycle.UpcycleCheckpoint(initial_checkpoint, model.config)
-  peft_config = model.config.peft
-  if (peft_config is not None and peft_config.quantization != model_config.BaseQuantization.NONE
-      and isinstance(model, model_lib.BaseModel)):
-    return _quantized_base(initial_checkpoint, model, lengths)
-  # A PEFT model starts from its base: the parameters the method adds start fresh.
-  return checkpoints.ParamsCheckpoint(initial_checkpoint, added=model.added_pattern(),
-                                      derived=getattr(model, 'derived_pattern', lambda: None)())
+def _starting_state(trainer: trainer_lib.Trainer, model,
+                    initial: Optional[checkpoints.InitialCheckpoint]) -> trainer_lib.TrainState:
+  """A fresh run's state: initialised, then the initial checkpoint's parameters."""
+  state = trainer.init_state()
+  if initial is None:
+    return state
+  params = initial.restore(state.params)
+  if hasattr(model, 'with_reference'):  # DPO's frozen reference: the restored policy
+    params = model.with_reference(params)
+    if model.holds_reference_copy:
+      loop.chief_print('the DPO reference: a frozen copy of these parameters')
+  return state.replace(params=params)
 
 
-def _quantized_base(path: str, model: model_lib.BaseModel, lengths) -> checkpoints.InitialCheckpoint:
-  """QLoRA: the base run's f32 kernels, quantized as they are restored."""
-  base = model.without_peft()
-  dummy = base.dummy_batch(1, lengths)
-  saved_abstract = jax.eval_shape(lambda: flax_nn.unbox(base.init_variables(
-      jax.random.PRNGKey(0), dummy)['params']))
-  added = model.added_pattern()
-  config = model.config.peft
-
-  def convert(restored, params):
-    shardings = jax.tree.map(lambda x: x.sharding, params)
-    target = jax.eval_shape(lambda: params)
-    fn = jax.jit(lambda r, p: peft.combine(peft.split(p, added)[0],
-                                           peft.quantize_like(r, target, config)),
-                 out_shardings=shardings)
-    return fn(restored, params)
-
-  return checkpoints.ConvertedCheckpoint(
-      path, saved_abstract, convert, f'its dense kernels quantized to '
-      f'{config.quantization.value}; the {config.method.value} parameters fresh')
+def _partial_view(trainer: trainer_lib.Trainer) -> checkpoints.StateView:
+  """Checkpoints hold the trained parameters; the frozen ones come from the live state."""
+  return checkpoints.StateView(
+      saved=lambda state: state.replace(params=trainer.trainable(state.params)),
+      full=lambda saved, current: saved.replace(params=trainer.combine(
+          saved.params, trainer.frozen(current.params))))
 
 
 def run(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> Dict[str, Any]:

@@ -27,6 +27,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import sys
 import sysconfig
 import tempfile
@@ -191,17 +192,22 @@ def _examples(files: Sequence[str], template, vocabulary) -> List[Tuple[List[int
   return out
 
 
-def _source(examples: Mapping[str, List[Tuple[List[int], List[int]]]]) -> seqio.DataSource:
-  """The rendered examples of each split, in file order (the Task shuffles them)."""
+def _source(examples: Mapping[str, List[Tuple[List[int], List[int]]]],
+            vocabulary: seqio.Vocabulary) -> seqio.DataSource:
+  """The rendered examples of each split, in file order (the Task shuffles them), with
+  their text as `*_pretokenized` (what seqio's evaluator hands metric functions)."""
 
   def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None) -> tf.data.Dataset:
     del shuffle_files, seed
     rows = examples[split]
     return tf.data.Dataset.from_generator(
-        lambda: ({'inputs': np.asarray(p, np.int32), 'targets': np.asarray(r, np.int32)}
-                 for p, r in rows),
+        lambda: ({'inputs': np.asarray(p, np.int32), 'targets': np.asarray(r, np.int32),
+                  'inputs_pretokenized': vocabulary.decode(p),
+                  'targets_pretokenized': vocabulary.decode(r)} for p, r in rows),
         output_signature={'inputs': tf.TensorSpec([None], tf.int32),
-                          'targets': tf.TensorSpec([None], tf.int32)})
+                          'targets': tf.TensorSpec([None], tf.int32),
+                          'inputs_pretokenized': tf.TensorSpec([], tf.string),
+                          'targets_pretokenized': tf.TensorSpec([], tf.string)})
 
   return seqio.FunctionDataSource(
       dataset_fn, splits=list(examples),
@@ -222,7 +228,8 @@ def keep_prompt_end(dataset: tf.data.Dataset, sequence_length: Mapping[str, int]
 
 def register_sft_task(name: str, split_files: SplitFiles,
                       template: Optional[ChatTemplate] = PLAIN,
-                      vocabulary: seqio.Vocabulary = registry.DEFAULT_VOCABULARY) -> str:
+                      vocabulary: seqio.Vocabulary = registry.DEFAULT_VOCABULARY,
+                      metric_fns: Sequence = ()) -> str:
   """Registers a fine-tuning task over JSONL files; returns its name (for gin).
 
   Args:
@@ -232,6 +239,8 @@ def register_sft_task(name: str, split_files: SplitFiles,
     template: how chats (and, with `wrap_pairs`, pairs) are rendered; None:
       pairs as they are (chat records are then an error).
     vocabulary: the tokenizer.
+    metric_fns: seqio metric functions (targets, predictions) that `python -m eval`
+      computes on greedy predictions.
   """
   if template is not None and not isinstance(template, ChatTemplate):
     raise SftDataError(f'template={template!r} must be an instructions.ChatTemplate or None')
@@ -242,10 +251,10 @@ def register_sft_task(name: str, split_files: SplitFiles,
   for split, rows in examples.items():
     if not rows:
       raise SftDataError(f'split {split!r} of {name} has no examples ({files[split][0]} ...)')
-  registry.register_seqio_task(name, _source(examples), [
+  registry.register_seqio_task(name, _source(examples, vocabulary), [
       keep_prompt_end, seqio.preprocessors.append_eos_after_trim,
   ], {'inputs': seqio.Feature(vocabulary, add_eos=False),
-      'targets': seqio.Feature(vocabulary, add_eos=True)})
+      'targets': seqio.Feature(vocabulary, add_eos=True)}, metric_fns=metric_fns)
   return name
 
 
@@ -358,12 +367,34 @@ def build_instructions(root: Optional[str] = None) -> Dict[str, str]:
 STDLIB_INSTRUCTIONS = 'stdlib_instructions'
 
 
+def answer_format(text: str) -> str:
+  """The shape of an answer: 'module' (a dotted lowercase name), 'signature'
+  (`name(...)`), 'sentence' (one line of at least 8 characters) or 'other'."""
+  t = text.strip()
+  if not t or '\n' in t:
+    return 'other'
+  if re.fullmatch(r'[A-Za-z_]\w*\(.*\)', t):
+    return 'signature'
+  if re.fullmatch(r'[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*', t):
+    return 'module'
+  return 'sentence' if len(t) >= 8 else 'other'
+
+
+def instruction_metrics(targets: Sequence[str], predictions: Sequence[str]) -> Dict[str, float]:
+  """seqio metric_fn of the instruction set: `exact_match` (surrounding space ignored) and
+  `format_match`, the share of answers shaped like their target (`answer_format`), in %."""
+  n = max(len(targets), 1)
+  exact = sum(p.strip() == t.strip() for t, p in zip(targets, predictions))
+  shaped = sum(answer_format(p) == answer_format(t) for t, p in zip(targets, predictions))
+  return {'exact_match': 100.0 * exact / n, 'format_match': 100.0 * shaped / n}
+
+
 def register_stdlib_instructions(vocabulary: seqio.Vocabulary = registry.DEFAULT_VOCABULARY,
                                  name: str = STDLIB_INSTRUCTIONS,
                                  template: Optional[ChatTemplate] = None) -> str:
   """Registers the embedded instruction set (built on first use); returns its name."""
   paths = build_instructions()
-  return register_sft_task(name, paths, template, vocabulary)
+  return register_sft_task(name, paths, template, vocabulary, metric_fns=[instruction_metrics])
 
 
 registry.register_lazy(STDLIB_INSTRUCTIONS, register_stdlib_instructions)

@@ -121,6 +121,13 @@ def validate(config: DatasetConfig, model: model_lib.BaseModel) -> None:
                     f'{"train_lib.train.eval_split" if config.split != "train" else "pipeline.DatasetConfig.split"} '
                     'to one of those')
   model.check_lengths(config.task_feature_lengths)
+  if isinstance(model, preference.DpoModel) and model.reference == preference.Reference.PRECOMPUTED:
+    spec = build_dataset(config, model).element_spec
+    missing = [k for k in preference.REFERENCE_FEATURES if k not in spec]
+    if missing:
+      raise DataError(f'DpoModel.reference=precomputed needs {missing[0]!r} in the data, but '
+                      f'{config.mixture_or_task_name!r} does not carry it: add it with '
+                      "scripts/precompute_reference.py, or set REFERENCE = 'on_the_fly'")
 
 
 def build_dataset(config: DatasetConfig, model: model_lib.BaseModel,

@@ -24,7 +24,7 @@ import os
 import random
 import sys
 import tempfile
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import seqio
@@ -41,6 +41,9 @@ class PreferenceDataError(ValueError):
   """Preference data that cannot be used."""
 
 
+REFERENCE_FEATURES = ('reference_chosen_log_likelihood', 'reference_rejected_log_likelihood')
+
+
 def _pair(record, vocabulary, where: str) -> Tuple[List[int], List[int], List[int]]:
   if not isinstance(record, Mapping):
     raise PreferenceDataError(f'{where}: a record must be a JSON object with "prompt", "chosen" '
@@ -53,15 +56,25 @@ def _pair(record, vocabulary, where: str) -> Tuple[List[int], List[int], List[in
   return tuple([int(i) for i in vocabulary.encode(record[k])] for k in FIELDS)
 
 
-def _source(pairs: Mapping[str, List[Tuple[List[int], List[int], List[int]]]]):
+def _source(pairs, references):
+  """pairs: split -> [(prompt, chosen, rejected) ids]; references: split -> [(chosen,
+  rejected) reference log-likelihoods] (or None)."""
+
   def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None) -> tf.data.Dataset:
     del shuffle_files, seed
-    rows = pairs[split]
-    return tf.data.Dataset.from_generator(
-        lambda: ({'inputs': np.asarray(p, np.int32), 'chosen': np.asarray(c, np.int32),
-                  'rejected': np.asarray(r, np.int32)} for p, c, r in rows),
-        output_signature={k: tf.TensorSpec([None], tf.int32)
-                          for k in ('inputs', 'chosen', 'rejected')})
+    rows, refs = pairs[split], references.get(split)
+    signature = {k: tf.TensorSpec([None], tf.int32) for k in ('inputs', 'chosen', 'rejected')}
+    if refs is not None:
+      signature.update({k: tf.TensorSpec([], tf.float32) for k in REFERENCE_FEATURES})
+
+    def gen():
+      for i, (p, c, r) in enumerate(rows):
+        ex = {'inputs': np.asarray(p, np.int32), 'chosen': np.asarray(c, np.int32),
+              'rejected': np.asarray(r, np.int32)}
+        if refs is not None:
+          ex.update({k: np.float32(v) for k, v in zip(REFERENCE_FEATURES, refs[i])})
+        yield ex
+    return tf.data.Dataset.from_generator(gen, output_signature=signature)
 
   return seqio.FunctionDataSource(dataset_fn, splits=list(pairs),
                                   num_input_examples={s: len(v) for s, v in pairs.items()})
@@ -77,14 +90,27 @@ def register_preference_task(name: str, split_files: instructions.SplitFiles,
     vocabulary: the tokenizer.
   """
   files = instructions._files(split_files)  # pylint: disable=protected-access
-  pairs = {}
+  pairs, references = {}, {}
   for split, paths in files.items():
-    pairs[split] = [_pair(r, vocabulary, where) for path in paths
-                    for where, r in instructions.read_jsonl(path)]
+    records = [(where, r) for path in paths for where, r in instructions.read_jsonl(path)]
+    pairs[split] = [_pair(r, vocabulary, where) for where, r in records]
     if not pairs[split]:
       raise PreferenceDataError(f'split {split!r} of {name} has no pairs ({paths[0]} ...)')
+    with_refs = [all(isinstance(r.get(k), (int, float)) for k in REFERENCE_FEATURES)
+                 for _, r in records]
+    if any(with_refs):
+      if not all(with_refs):
+        where = records[with_refs.index(False)][0]
+        raise PreferenceDataError(
+            f'{where}: this record has no numeric {REFERENCE_FEATURES[0]!r} / '
+            f'{REFERENCE_FEATURES[1]!r} but others do: precompute them for every record '
+            '(scripts/precompute_reference.py)')
+      references[split] = [tuple(float(r[k]) for k in REFERENCE_FEATURES) for _, r in records]
+  if references and len(references) != len(pairs):
+    raise PreferenceDataError(f'{name}: some splits carry reference log-likelihoods and some do '
+                              'not: precompute them for every split')
   registry.register_seqio_task(
-      name, _source(pairs), [instructions.keep_prompt_end,
+      name, _source(pairs, references), [instructions.keep_prompt_end,
                              seqio.preprocessors.append_eos_after_trim],
       {'inputs': seqio.Feature(vocabulary, add_eos=False),
        'chosen': seqio.Feature(vocabulary, add_eos=True),
@@ -101,16 +127,35 @@ def preference_task(name: str, split_files: instructions.SplitFiles,
 class PairedFeatureConverter:
   """Task features (inputs, chosen, rejected) -> `chosen_*` and `rejected_*` model features.
 
-  Unpacked: one pair per row (packing two sequences per pair row-aligned would need a
-  joint packer; pairs are short next to the rows DPO is usually run with).
+  Each half is what seqio's unpacked PrefixLM (decoder-only) or EncDec converter makes of
+  (inputs, response) (tested equal); the reference log-likelihoods a task may carry
+  (`REFERENCE_FEATURES`) pass through. Unpacked: one pair per row (packing two sequences
+  per pair row-aligned would need a joint packer; pairs are short next to the rows DPO is
+  usually run with).
   """
 
   def __init__(self, encoder_decoder: bool, pack: bool = False):
     if pack:
       raise PreferenceDataError('preference pairs are not packed: set pipeline.DatasetConfig.pack '
                                 '= False (each row holds one pair)')
-    self.converter = (seqio.EncDecFeatureConverter(pack=False) if encoder_decoder else
-                      seqio.PrefixLMFeatureConverter(pack=False))
+    self.encoder_decoder = encoder_decoder
+
+  def _half(self, inputs, response, n_in: int, n_out: int) -> Dict[str, tf.Tensor]:
+    pad = lambda x, n: tf.reshape(tf.pad(x[:n], [[0, n - tf.shape(x[:n])[0]]]), [n])
+    shift = lambda x: tf.concat([[0], x[:-1]], axis=0)
+    inputs, response = inputs[:n_in], response[:n_out]  # (the task trims them already)
+    if self.encoder_decoder:
+      targets = pad(response, n_out)
+      return {'encoder_input_tokens': pad(inputs, n_in), 'decoder_target_tokens': targets,
+              'decoder_input_tokens': shift(targets),
+              'decoder_loss_weights': tf.cast(targets > 0, tf.int32)}
+    a, b = tf.shape(inputs)[0], tf.shape(response)[0]
+    length = n_in + n_out
+    seq = pad(tf.concat([inputs, response], axis=0), length)
+    position = tf.range(length)
+    return {'decoder_target_tokens': seq, 'decoder_input_tokens': shift(seq),
+            'decoder_loss_weights': tf.cast((position >= a) & (position < a + b), tf.int32),
+            'decoder_causal_attention': tf.cast(position < a + 1, tf.int32)}
 
   def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]):
     missing = [k for k in FIELDS[1:] if k not in task_feature_lengths]
@@ -118,16 +163,18 @@ class PairedFeatureConverter:
       raise PreferenceDataError(
           f"preference data needs a length for {missing[0]!r}: set TASK_FEATURE_LENGTHS = "
           "{'inputs': ..., 'chosen': ..., 'rejected': ...}")
-    lengths = {'inputs': task_feature_lengths['inputs'],
-               'targets': max(task_feature_lengths['chosen'], task_feature_lengths['rejected'])}
-    # Each pair becomes two consecutive examples (chosen, then rejected), converted one by
-    # one (order kept), then joined back into one row.
-    halves = ds.flat_map(lambda ex: tf.data.Dataset.from_tensors(
-        {'inputs': ex['inputs'], 'targets': ex['chosen']}).concatenate(
-            tf.data.Dataset.from_tensors({'inputs': ex['inputs'], 'targets': ex['rejected']})))
-    converted = self.converter(halves, lengths).batch(2, drop_remainder=True)
-    return converted.map(lambda ex: {**{f'chosen_{k}': v[0] for k, v in ex.items()},
-                                     **{f'rejected_{k}': v[1] for k, v in ex.items()}})
+    n_in = task_feature_lengths['inputs']
+    n_out = max(task_feature_lengths['chosen'], task_feature_lengths['rejected'])
+
+    def convert(ex):
+      out = {}
+      for side in ('chosen', 'rejected'):
+        half = self._half(ex['inputs'], ex[side], n_in, n_out)
+        out.update({f'{side}_{k}': v for k, v in half.items()})
+      out.update({k: ex[k] for k in REFERENCE_FEATURES if k in ex})
+      return out
+
+    return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 # --- the embedded preference set ----------------------------------------------------

@@ -19,12 +19,13 @@ TEXT_TO_TARGETS = functools.partial(seqio.preprocessors.rekey, key_map={'targets
 
 def register_seqio_task(name: str, source: seqio.DataSource, preprocessors: Sequence,
                         output_features: Mapping[str, seqio.Feature],
-                        shuffle_buffer_size: int = seqio.SHUFFLE_BUFFER_SIZE) -> seqio.Task:
+                        shuffle_buffer_size: int = seqio.SHUFFLE_BUFFER_SIZE,
+                        metric_fns: Sequence = ()) -> seqio.Task:
   """Registers a seqio Task, replacing one of the same name; returns the new Task."""
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
   return seqio.TaskRegistry.add(name, source=source, preprocessors=preprocessors,
-                                output_features=output_features, metric_fns=[],
+                                output_features=output_features, metric_fns=list(metric_fns),
                                 shuffle_buffer_size=shuffle_buffer_size)
 
 

@@ -92,8 +92,10 @@ def test_dpo_loss_equals_a_direct_implementation():
   assert float(metrics['kl'].compute()) > 0
 
 
-@pytest.mark.parametrize('peft_config', [None, cfg.PeftConfig(method='lora', targets='.')],
-                         ids=['full', 'lora'])
+@pytest.mark.parametrize('peft_config', [
+    None, cfg.PeftConfig(method='lora', targets='.'),
+    cfg.PeftConfig(method='lora', targets='.', quantization='nf4'),
+    cfg.PeftConfig(method='adapters')], ids=['full', 'lora', 'qlora', 'adapters'])
 def test_at_the_start_the_policy_is_the_reference(peft_config):
   policy = model_lib.DecoderOnlyModel(tu.tiny_decoder(peft=peft_config))
   dpo = preference.DpoModel(policy, beta=0.1)

@@ -148,3 +148,15 @@ def test_embedded_instruction_set_is_deterministic_and_split():
   # Registered on first use, by name.
   task = pipeline.get_mixture_or_task('stdlib_instructions')
   assert set(task.output_features) == {'inputs', 'targets'}
+
+
+def test_answer_format_and_metrics():
+  assert [instructions.answer_format(t) for t in (
+      'urllib.parse', 'literal_eval(node_or_string)', 'Decode bytes encoded with Base64.',
+      'two\nlines', '', 'OK!')] == ['module', 'signature', 'sentence', 'other', 'other', 'other']
+  metrics = instructions.instruction_metrics(
+      ['abc', 'f(x)', 'Return the sum.', 'os.path'],
+      ['abc ', 'g(y, z)', 'no', 'Some words here'])
+  assert metrics == {'exact_match': 25.0, 'format_match': 50.0}
+  task = pipeline.get_mixture_or_task('stdlib_instructions')
+  assert task.metric_objs  # `python -m eval` computes them on greedy predictions

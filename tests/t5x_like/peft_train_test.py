@@ -10,7 +10,10 @@ from models import model as model_lib
 from models import peft
 from partitioning import mesh as mesh_lib
 from partitioning import partitioner as partitioner_lib
+from t5x_like import adapters
 from t5x_like import checkpoints
+from t5x_like import gin_utils
+from t5x_like import infer as infer_lib
 from t5x_like import hf
 from t5x_like import optimizers
 from t5x_like import train as train_lib
@@ -135,28 +138,50 @@ def _bindings(model_dir, steps, *extra):
 def test_lora_run_starts_from_a_base_and_keeps_it(tmp_path, capsys):
   base_dir, lora_dir = str(tmp_path / 'base'), str(tmp_path / 'lora')
   train_lib.run(FILES, _bindings(base_dir, 2))
-  result = train_lib.run(FILES + ['peft/lora.gin'], _bindings(
-      lora_dir, 4, f"train_lib.train.initial_checkpoint = '{base_dir}'", 'LEARNING_RATE = 1e-2'))
+  lora = FILES + ['peft/lora.gin']
+  extra = (f"train_lib.train.initial_checkpoint = '{base_dir}'", 'LEARNING_RATE = 1e-2',
+           'train_lib.train.checkpoint_every = 2')
+  train_lib.run(lora, _bindings(lora_dir, 2, *extra))
+  result = train_lib.run(lora, _bindings(lora_dir, 4, *extra))  # resumes over the base
   out = capsys.readouterr().out
   assert 'training 1,792 of them' in out and '4 added parameters initialised fresh' in out
-  assert result['step'] == 4
-  base = peft.flat(checkpoints.restore_params(*checkpoints.resolve(base_dir)))
-  tuned = peft.flat(checkpoints.restore_params(*checkpoints.resolve(lora_dir)))
-  assert set(tuned) - set(base) == {k for k in tuned if '/lora_' in k}
-  for k, v in base.items():
-    np.testing.assert_array_equal(np.asarray(tuned[k]), np.asarray(v), err_msg=k)
-  assert any(np.abs(np.asarray(v)).max() > 0 for k, v in tuned.items() if k.endswith('lora_b'))
+  assert 'resumed from step 2' in out and result['step'] == 4
+  # The run's checkpoints hold only the LoRA factors; frozen.json names the base and its digest.
+  saved = peft.flat(checkpoints.restore_params(*checkpoints.resolve(lora_dir)))
+  assert saved and all('/lora_' in k for k in saved)
+  rec = adapters.read_record(lora_dir)
+  base = checkpoints.restore_params(*checkpoints.resolve(base_dir))
+  assert rec['digest'] == adapters.digest(base) and rec['initial_checkpoint']['step'] == 2
+  assert any(np.abs(np.asarray(v)).max() > 0 for k, v in saved.items() if k.endswith('lora_b'))
   # Exported to Hugging Face as the plain model it equals: LoRA folded into the kernels.
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   exported = {}
   for name, d in (('base', base_dir), ('lora', lora_dir)):
     hf.export_checkpoint(d, str(tmp_path / f'hf_{name}'))
     exported[name] = load_file(str(tmp_path / f'hf_{name}' / 'model.safetensors'))
-  assert exported['base'].keys() == exported['lora'].keys()
   changed = {k for k in exported['base']
              if not np.array_equal(exported['base'][k], exported['lora'][k])}
   assert changed == {f'model.layers.{i}.self_attn.{p}_proj.weight' for i in range(2)
                      for p in ('q', 'v')}
+  # Merged into a plain checkpoint: it scores exactly as the adapter over its base does.
+  merged_dir = str(tmp_path / 'merged')
+  adapters.merge(lora_dir, merged_dir)
+  data = tmp_path / 'score.jsonl'
+  data.write_text('{"input": "def main(", "target": "):\\n    pass"}\n')
+  score = lambda files, path, *b: infer_lib.run(files + ['runs/infer.gin'], [
+      f"CHECKPOINT_PATH = '{path}'", f"OUTPUT_FILE = '{tmp_path / 'out.jsonl'}'",
+      "MODE = 'score'", f"INPUT_FILE = '{data}'", *b])['records'][0]['log_likelihood']
+  via_adapter = score(['models/llama/tiny.gin', 'peft/lora.gin'], lora_dir)
+  assert score([merged_dir + '/config.gin'], merged_dir) == pytest.approx(via_adapter, rel=1e-5)
+  assert score(['models/llama/tiny.gin'], base_dir) != pytest.approx(via_adapter, rel=1e-5)
+  # Another base: refused in one line, before anything is written.
+  other = str(tmp_path / 'other')
+  train_lib.run(FILES, _bindings(other, 2, 'train_lib.train.seed = 1'))
+  with pytest.raises(adapters.AdapterError, match=r'frozen base rebuilt for .* has digest .* '
+                     r'but the run was trained on .*: point BASE_CHECKPOINT at the base'):
+    score(['models/llama/tiny.gin', 'peft/lora.gin'], lora_dir, f"BASE_CHECKPOINT = '{other}'")
+  with pytest.raises(adapters.AdapterError, match='already holds a checkpoint'):
+    adapters.merge(lora_dir, merged_dir)
 
 
 def test_qlora_run_quantizes_its_base(tmp_path, capsys):
@@ -167,8 +192,13 @@ def test_qlora_run_quantizes_its_base(tmp_path, capsys):
   assert 'dense kernels quantized to nf4' in capsys.readouterr().out
   assert result['step'] == 6 and np.isfinite(result['train_loss'])
   base = checkpoints.restore_params(*checkpoints.resolve(base_dir))
-  tuned = peft.flat(checkpoints.restore_params(*checkpoints.resolve(qlora_dir)))
-  want = peft.flat(peft.quantize_like(base, {k: v for k, v in peft.unflat(tuned).items()},
-                                      cfg.PeftConfig(quantization='nf4')))
+  model = gin_utils.model_from_gin(['models/llama/tiny.gin', 'peft/qlora.gin'])
+  part = partitioner_lib.Partitioner(mesh_lib.create_mesh((1, 1, 1), devices=jax.devices()[:1]))
+  abstract = infer_lib.abstract_params(model, part)
+  tuned = peft.flat(infer_lib.checked_checkpoint(qlora_dir, abstract, 'x', model, part).restore(
+      abstract))
+  want = peft.flat(peft.quantize_like(base, abstract, cfg.PeftConfig(quantization='nf4')))
   for k, v in want.items():  # the frozen base: the quantized base run, bit for bit
     np.testing.assert_array_equal(np.asarray(tuned[k]), np.asarray(v), err_msg=k)
+  saved = peft.flat(checkpoints.restore_params(*checkpoints.resolve(qlora_dir)))
+  assert all('/lora_' in k for k in saved)  # the checkpoint: only the LoRA factors

@@ -3,11 +3,14 @@ the embedded set, and one-line errors for bad data."""
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from models import model as model_lib
 from models import preference
+from partitioning import mesh as mesh_lib
+from partitioning import partitioner as partitioner_lib
 from t5x_like.data import pipeline
 from t5x_like.data import preferences
 from t5x_like.data import registry
@@ -82,3 +85,62 @@ def test_embedded_preference_set():
   assert {r['prompt'] for r in rows['train']}.isdisjoint({r['prompt'] for r in rows['validation']})
   assert pipeline.get_mixture_or_task('stdlib_preferences').output_features.keys() == {
       'inputs', 'chosen', 'rejected'}
+
+
+def test_precomputed_reference_equals_on_the_fly(tmp_path):
+  """Scores precomputed once into the data give the loss the on-the-fly reference gives."""
+  records = [{'prompt': f'Prompt {i}: ', 'chosen': f'good {i}', 'rejected': f'bad answer {i}'}
+             for i in range(5)]
+  path = _write(tmp_path / 'p.jsonl', records)
+  policy = model_lib.DecoderOnlyModel(tu.tiny_decoder(vocab_size=384))
+  lengths = {'inputs': 16, 'chosen': 12, 'rejected': 16}
+  script = tu.load_script('precompute_reference')
+  part = partitioner_lib.Partitioner(mesh_lib.create_mesh((1, 1, 1), devices=jax.devices()[:1]))
+  on_the_fly = preference.DpoModel(policy, beta=0.3)
+  dummy = on_the_fly.dummy_batch(1, lengths)
+  reference = tu.init_params(policy, preference.side_batch(dummy, 'chosen'), seed=1)
+  trained = tu.init_params(policy, preference.side_batch(dummy, 'chosen'), seed=2)
+  out = script.precompute(policy, reference, part, {'validation': path}, lengths,
+                          str(tmp_path / 'scored'))
+  scored = [json.loads(l) for l in open(out['validation'])]
+  assert [{k: r[k] for k in ('prompt', 'chosen', 'rejected')} for r in scored] == records
+  precomputed = preference.DpoModel(policy, beta=0.3, reference='precomputed')
+  losses = {}
+  for name, model, files in (('fly', on_the_fly, {'validation': path}),
+                             ('pre', precomputed, out)):
+    task = preferences.register_preference_task(f'test_ref_{name}', files)
+    config = pipeline.DatasetConfig(task, lengths, split='validation', batch_size=5,
+                                    shuffle=False, pack=False)
+    pipeline.validate(config, model)
+    [batch] = list(pipeline.InputIterator(config, model, num_epochs=1))
+    params = dict(trained, reference=reference) if name == 'fly' else trained
+    losses[name] = float(jax.jit(model.loss_fn)(params, batch)[0])
+  np.testing.assert_allclose(losses['pre'], losses['fly'], rtol=1e-5)
+  # Without the scores in the data, the precomputed mode fails before training.
+  task = preferences.register_preference_task('test_ref_none', {'validation': path})
+  with pytest.raises(pipeline.DataError, match='needs .reference_chosen_log_likelihood.'):
+    pipeline.validate(pipeline.DatasetConfig(task, lengths, split='validation', batch_size=5,
+                                             shuffle=False, pack=False), precomputed)
+
+
+@pytest.mark.parametrize('encdec', [False, True], ids=['decoder', 'encdec'])
+def test_each_half_is_what_seqios_converter_makes(encdec):
+  import seqio  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  pairs = [([5, 6, 7], [8, 9, 1], [10, 1]), ([5] * 20, [3] * 30 + [1], [4, 1]),
+           ([2], [6] * 7 + [1], [7] * 9 + [1])]
+  ds = tf.data.Dataset.from_generator(
+      lambda: ({'inputs': p, 'chosen': c, 'rejected': r} for p, c, r in pairs),
+      output_signature={k: tf.TensorSpec([None], tf.int32) for k in ('inputs', 'chosen',
+                                                                       'rejected')})
+  lengths = {'inputs': 12, 'chosen': 10, 'rejected': 6}
+  got = list(preferences.PairedFeatureConverter(encdec)(ds, lengths).as_numpy_iterator())
+  conv = seqio.EncDecFeatureConverter(pack=False) if encdec else seqio.PrefixLMFeatureConverter(
+      pack=False)
+  for side in ('chosen', 'rejected'):
+    half = ds.map(lambda ex, s=side: {'inputs': ex['inputs'][:12], 'targets': ex[s][:10]})
+    want = list(conv(half, {'inputs': 12, 'targets': 10}).as_numpy_iterator())
+    for g, w in zip(got, want):
+      assert {k[len(side) + 1:] for k in g if k.startswith(side)} == set(w)
+      for k, v in w.items():
+        np.testing.assert_array_equal(g[f'{side}_{k}'], v, err_msg=f'{side}_{k}')
