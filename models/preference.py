@@ -32,6 +32,7 @@ from models import metrics as metrics_lib
 from models import model as model_lib
 from models import param_count
 from models import peft
+from models import transformer
 
 Array = jax.Array
 REFERENCE = 'reference'  # the parameter sub-tree of a full-parameter DPO run's reference
@@ -78,7 +79,51 @@ def side_batch(batch: Mapping[str, Array], side: str) -> Dict[str, Array]:
   return {k[n:]: v for k, v in batch.items() if k.startswith(side + '_')}
 
 
-class DpoModel:
+class PairedModel:
+  """What DPO and reward models share: a model trained on preference pairs, one pair per
+  row (`chosen_*` and `rejected_*` features of the wrapped model's)."""
+
+  def __init__(self, policy: model_lib.BaseModel, precomputed: bool = False):
+    if not isinstance(policy, model_lib.BaseModel):
+      raise cfg.ConfigError(f'{type(self).__name__}.policy={policy!r} must be a model: bind '
+                            'it to %MODEL')
+    self.policy = policy
+    self.config = policy.config
+    self.encoder_decoder = isinstance(policy, model_lib.EncoderDecoderModel)
+    side_features = policy.FEATURES + policy.OPTIONAL_FEATURES
+    self.FEATURES = tuple(f'{s}_{k}' for s in SIDES for k in side_features)  # pylint: disable=invalid-name
+    self._precomputed = precomputed
+    if precomputed:
+      self.FEATURES += REFERENCE_FEATURES
+    self.OPTIONAL_FEATURES = ()  # pylint: disable=invalid-name
+
+  @property
+  def needs_rng(self) -> bool:
+    return self.policy.needs_rng
+
+  def feature_shapes(self, batch_size: int, feature_lengths: Mapping[str, int]):
+    lengths = paired_lengths(feature_lengths)
+    shapes = {f'{s}_{k}': v for s in SIDES
+              for k, v in self.policy.feature_shapes(batch_size, lengths).items()}
+    if self._precomputed:
+      shapes.update({k: (batch_size,) for k in REFERENCE_FEATURES})
+    return shapes
+
+  def dummy_batch(self, batch_size, feature_lengths):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    return {k: np.zeros(s, np.float32 if k in REFERENCE_FEATURES else np.int32)
+            for k, s in self.feature_shapes(batch_size, feature_lengths).items()}
+
+  def check_lengths(self, feature_lengths: Mapping[str, int]) -> None:
+    self.policy.check_lengths(paired_lengths(feature_lengths))
+
+  def _pair_count(self, batch) -> Tuple[Array, Array]:
+    """(valid [batch] 0/1: the rows holding a pair, their number)."""
+    valid = (jnp.sum(batch['chosen_decoder_loss_weights'], axis=-1) > 0).astype(jnp.float32)
+    return valid, jnp.sum(valid)
+
+
+class DpoModel(PairedModel):
   """A policy trained on preference pairs (see the module docstring).
 
   Args:
@@ -90,34 +135,21 @@ class DpoModel:
 
   def __init__(self, policy: model_lib.BaseModel, beta: float = 0.1, loss: str = 'dpo',
                reference: str = 'on_the_fly'):
-    if not isinstance(policy, model_lib.BaseModel):
-      raise cfg.ConfigError(f'DpoModel.policy={policy!r} must be a model: bind it to %MODEL')
     if not beta > 0:
       raise cfg.ConfigError(f'DpoModel.beta={beta} must be > 0 (e.g. 0.1)')
-    self.policy = policy
-    self.config = policy.config
     self.beta = float(beta)
     self.loss_kind = cfg._coerce(PreferenceLoss, loss, 'DpoModel.loss')  # pylint: disable=protected-access
     self.reference = cfg._coerce(Reference, reference, 'DpoModel.reference')  # pylint: disable=protected-access
-    self.encoder_decoder = isinstance(policy, model_lib.EncoderDecoderModel)
+    super().__init__(policy, precomputed=self.reference == Reference.PRECOMPUTED)
     # The reference of a PEFT policy: the same model without the PEFT parameters.
     self._base = (policy.without_peft(keep_quantization=True)
                   if policy.config.peft is not None else None)
-    side_features = policy.FEATURES + policy.OPTIONAL_FEATURES
-    self.FEATURES = tuple(f'{s}_{k}' for s in SIDES for k in side_features)  # pylint: disable=invalid-name
-    if self.reference == Reference.PRECOMPUTED:
-      self.FEATURES += REFERENCE_FEATURES
-    self.OPTIONAL_FEATURES = ()  # pylint: disable=invalid-name
 
   # --- what the trainer and pipeline use -------------------------------------------
   @property
   def holds_reference_copy(self) -> bool:
     """Whether the parameters carry a frozen copy of the starting policy (`reference/`)."""
     return self.reference == Reference.ON_THE_FLY and self._base is None
-
-  @property
-  def needs_rng(self) -> bool:
-    return self.policy.needs_rng
 
   def trainable_pattern(self) -> Optional[str]:
     if self.policy.config.peft is not None:
@@ -146,22 +178,6 @@ class DpoModel:
       return params
     policy = self.policy_params(params)
     return {**policy, REFERENCE: jax.tree.map(jnp.copy, policy)}
-
-  def feature_shapes(self, batch_size: int, feature_lengths: Mapping[str, int]):
-    lengths = paired_lengths(feature_lengths)
-    shapes = {f'{s}_{k}': v for s in SIDES
-              for k, v in self.policy.feature_shapes(batch_size, lengths).items()}
-    if self.reference == Reference.PRECOMPUTED:
-      shapes.update({k: (batch_size,) for k in REFERENCE_FEATURES})
-    return shapes
-
-  def dummy_batch(self, batch_size, feature_lengths):
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    return {k: np.zeros(s, np.float32 if k in REFERENCE_FEATURES else np.int32)
-            for k, s in self.feature_shapes(batch_size, feature_lengths).items()}
-
-  def check_lengths(self, feature_lengths: Mapping[str, int]) -> None:
-    self.policy.check_lengths(paired_lengths(feature_lengths))
 
   def flops_per_example(self, feature_lengths: Mapping[str, int]) -> float:
     """Training FLOPs of one pair: both responses through the policy (forward and
@@ -216,11 +232,10 @@ class DpoModel:
         kl_tok = jnp.sum(jnp.exp(logp_all) * (logp_all - ref_logp_all), axis=-1)  # [b, len]
         kl_sum = kl_sum + jnp.sum(jax.lax.stop_gradient(kl_tok) * w)
         tokens = tokens + jnp.sum(w)
-    valid = (jnp.sum(batch['chosen_decoder_loss_weights'], axis=-1) > 0).astype(jnp.float32)
+    valid, n = self._pair_count(batch)
     loss, chosen_r, rejected_r = preference_loss(
         scores['chosen'], scores['rejected'], ref_scores['chosen'], ref_scores['rejected'],
         self.beta, self.loss_kind)
-    n = jnp.sum(valid)
 
     def per_pair(x, console=None):
       return metrics_lib.Average(jnp.sum(x * valid), n, console=console)
@@ -239,6 +254,94 @@ class DpoModel:
     if self.reference == Reference.ON_THE_FLY:
       metrics['kl'] = metrics_lib.Average(kl_sum, tokens, console='.4f')
     return loss_sum, metrics
+
+
+
+
+class RewardModel(PairedModel):
+  """A scalar reward r(prompt, response) on a decoder, trained on preference pairs with the
+  Bradley-Terry loss -log sigmoid(r(chosen) - r(rejected)).
+
+  The reward is w . h, h the final (normed) hidden state at the response's last token
+  (its EOS); w (`decoder/reward_head`, [embed]) starts at zero, so every reward starts at
+  0. The decoder starts from INITIAL_CHECKPOINT (e.g. an SFT run); with a PEFT method only
+  its parameters and the head train.
+
+  Args:
+    policy: the decoder (its gin file's MODEL).
+  """
+
+  def __init__(self, policy: model_lib.BaseModel):
+    super().__init__(policy)
+    if self.encoder_decoder:
+      raise cfg.ConfigError('RewardModel puts its head on a decoder-only model: bind '
+                            'RewardModel.policy to a DecoderOnlyModel')
+    self.module = transformer.DecoderOnly(self.config, reward_head=True)
+    self._train_module = self.module.clone(deterministic=False)
+
+  def trainable_pattern(self) -> Optional[str]:
+    own = self.policy.trainable_pattern()
+    return None if own is None else f'(?:{own})|(^|/)reward_head$'
+
+  def added_pattern(self) -> Optional[str]:
+    own = self.policy.added_pattern()
+    return '(^|/)reward_head$' + (f'|(?:{own})' if own else '')
+
+  def flops_per_example(self, feature_lengths: Mapping[str, int]) -> float:
+    lengths = paired_lengths(feature_lengths)
+    return 2 * param_count.train_flops_per_example(self.config, lengths.get('inputs', 0),
+                                                   lengths['targets'])
+
+  def dummy_batch(self, batch_size, feature_lengths):
+    if 'chosen' not in feature_lengths:  # (scoring single examples: the decoder's features)
+      return self.policy.dummy_batch(batch_size, feature_lengths)
+    return super().dummy_batch(batch_size, feature_lengths)
+
+  def init_variables(self, rng: Array, batch: Mapping[str, Array]):
+    if 'chosen_decoder_input_tokens' in batch:
+      batch = side_batch(batch, 'chosen')
+    variables = self.module.init({'params': rng}, **self.policy._module_inputs(batch))  # pylint: disable=protected-access
+    peft.check(self.config.peft, variables['params'])
+    return variables
+
+  def rewards(self, params, batch: Mapping[str, Array], dropout_rng=None) -> Array:
+    """r(prompt, response) [batch] of the decoder features of (prompt, response) rows: at
+    each row's last token of loss weight > 0 (0 for a row without one)."""
+    module, kwargs = self.module, {}
+    if dropout_rng is not None:
+      module, kwargs = self._train_module, {'rngs': {'dropout': dropout_rng}}
+    per_position = module.apply({'params': params}, **self.policy._module_inputs(batch),  # pylint: disable=protected-access
+                                **kwargs)  # [batch, length]
+    weights = batch['decoder_loss_weights'] > 0
+    length = weights.shape[1]
+    last = length - 1 - jnp.argmax(weights[:, ::-1], axis=1)
+    r = jnp.take_along_axis(per_position, last[:, None], axis=1)[:, 0]
+    return jnp.where(jnp.any(weights, axis=1), r, 0.0)
+
+  def loss_fn(self, params, batch, dropout_rng=None, token_groups=None
+              ) -> Tuple[Array, metrics_lib.Metrics]:
+    """The summed Bradley-Terry loss; metrics `loss`, `rewards/{chosen,rejected,margin,
+    accuracy}` (a tie counts one half)."""
+    del token_groups
+    r = {}
+    for i, side in enumerate(SIDES):
+      key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+      r[side] = self.rewards(params, side_batch(batch, side), key)
+    valid, n = self._pair_count(batch)
+    margin = r['chosen'] - r['rejected']
+    loss = -jax.nn.log_sigmoid(margin)
+
+    def per_pair(x, console=None):
+      return metrics_lib.Average(jnp.sum(x * valid), n, console=console)
+    metrics = {
+        'loss': per_pair(loss, '.4f'),
+        'rewards/chosen': per_pair(r['chosen']),
+        'rewards/rejected': per_pair(r['rejected']),
+        'rewards/margin': per_pair(margin, '.3f'),
+        'rewards/accuracy': per_pair(0.5 * (1.0 + jnp.sign(margin)), '.3f'),
+        'pairs': metrics_lib.Sum(n),
+    }
+    return jnp.sum(loss * valid), metrics
 
 
 def paired_lengths(feature_lengths: Mapping[str, int]) -> Dict[str, int]:

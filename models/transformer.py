@@ -259,9 +259,13 @@ class Encoder(_StackIO):
 class Decoder(_StackIO):
   """Causal decoder (optionally prefix-LM, or cross-attending to an encoder).
 
-  tokens [batch, length] -> logits [batch, length, vocab] in f32.
+  tokens [batch, length] -> logits [batch, length, vocab] in f32; with
+  `reward_head`, a scalar per position [batch, length] instead (w . the final
+  hidden state, parameter `reward_head` [embed]; the output layer keeps its
+  parameters, unused).
   """
   num_encoder_layers: int = 0
+  reward_head: bool = False
 
   @nn.compact
   def __call__(self, tokens: Array, ctx: attn.Context, encoded: Optional[Array] = None,
@@ -273,6 +277,12 @@ class Decoder(_StackIO):
               deterministic=self.deterministic, deepnorm_alpha=alpha, deepnorm_beta=beta,
               name='stack')(x, ctx, self.rel_table(), encoded, enc_ctx)
     x = self.final_norm(x, 'decoder_norm')
+    if self.reward_head:
+      w = self.param('reward_head', nn.with_logical_partitioning(
+          nn.initializers.zeros_init(), (ax.EMBED,)), (c.emb_dim,), c.params_dtype)
+      rewards = jnp.einsum('ble,e->bl', x.astype(jnp.float32), w.astype(jnp.float32))
+      if not self.is_initializing():
+        return rewards  # [batch, length]
     if c.tie_embeddings:
       logits = self.embedder.attend(x)
       if c.scale_tied_logits:
@@ -283,6 +293,8 @@ class Decoder(_StackIO):
                                    param_dtype=c.params_dtype, peft=c.peft,
                                    deterministic=self.deterministic, name='logits_dense')(x)
     logits = nn.with_logical_constraint(logits, (ax.BATCH, ax.LENGTH, ax.VOCAB))
+    if self.reward_head:  # (initializing: the output layer's parameters are made too)
+      return rewards
     return logits.astype(jnp.float32)  # [batch, length, vocab]
 
 
@@ -309,6 +321,7 @@ class DecoderOnly(nn.Module):
   """GPT/PaLM/LLaMA/BLOOM-style decoder; prefix-LM when `causal_attention` is given."""
   config: cfg.DecoderConfig
   deterministic: bool = True  # False enables dropout
+  reward_head: bool = False  # a scalar per position instead of logits (preference.RewardModel)
 
   @nn.compact
   def __call__(self, decoder_input_tokens: Array, decoder_target_tokens: Optional[Array] = None,
@@ -325,7 +338,7 @@ class DecoderOnly(nn.Module):
     ctx = _context(decoder_input_tokens, decoder_positions, decoder_segment_ids,
                    decoder_causal_attention, valid, decode)
     return Decoder(self.config, _embedder(self.config), deterministic=self.deterministic,
-                   name='decoder')(decoder_input_tokens, ctx)
+                   reward_head=self.reward_head, name='decoder')(decoder_input_tokens, ctx)
 
 
 class EncoderDecoder(nn.Module):

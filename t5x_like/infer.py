@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from models import model as model_lib
+from models import preference
 from partitioning import partitioner as partitioner_lib
 from t5x_like import adapters
 from t5x_like import checkpoints
@@ -374,6 +375,9 @@ def infer(*,
   _check_settings(locals())
   output_file = check_output_file(output_file, _setting('output_file', output_file))
   if mode == 'predict':
+    if isinstance(model, preference.RewardModel):
+      raise utils.InputError(f"a RewardModel scores, it does not generate: set "
+                             f"{_setting('mode', mode)} = 'score'")
     model.check_decodable()
   batch_size = call_batch_size(partitioner, batch_size)
   partitioner.check_experts(model.config.num_experts)
@@ -382,11 +386,13 @@ def infer(*,
                                                                  checkpoint_path),
                             model, partitioner, base_checkpoint,
                             _setting('base_checkpoint', base_checkpoint))
-  examples = _examples(model, vocabulary, mode, input_file, mixture_or_task_name, split,
+  # (A reward model reads examples as its decoder does.)
+  io_model = model.policy if isinstance(model, preference.RewardModel) else model
+  examples = _examples(io_model, vocabulary, mode, input_file, mixture_or_task_name, split,
                        task_feature_lengths, num_examples, prompt_length)
   if any(e.input_text is not None or e.target_text is not None for e in examples):
     vocabularies.check_fits(vocabulary, model.config.vocab_size)  # text was encoded with it
-  _check_lengths(model, examples, mode, decoding_config)
+  _check_lengths(io_model, examples, mode, decoding_config)
 
   params = restore(ckpt, abstract)
   settings = {'checkpoint': ckpt.directory, 'step': ckpt.step, 'mode': mode}
@@ -420,7 +426,7 @@ def _check_settings(args: Mapping[str, Any]) -> None:
     raise utils.InputError(
         'set exactly one of INPUT_FILE (a .txt or .jsonl file) and MIXTURE_OR_TASK_NAME (a '
         'registered task), not ' + ('both' if args['input_file'] is not None else 'neither'))
-  utils.check_types(args, (('model', model_lib.BaseModel),
+  utils.check_types(args, (('model', (model_lib.BaseModel, preference.RewardModel)),
                            ('partitioner', partitioner_lib.Partitioner),
                            ('vocabulary', vocabularies.Vocabulary),
                            ('decoding_config', decoding.DecodingConfig)),
@@ -548,7 +554,37 @@ def exact_match(records: Sequence[Mapping[str, Any]]) -> Optional[float]:
   return sum(r['output'].strip() == r['target'].strip() for r in known) / len(known)
 
 
+def _rewards(model, params, partitioner, examples, batch_size) -> List[float]:
+  """A reward model's r(input, target) per example, in order."""
+  enc, dec = score_lengths(model.policy, examples)
+  fn = _reward_fn(model, partitioner)
+  out = []
+  for chunk, n in batches(examples, batch_size):
+    batch = score_batch(model.policy, chunk, (_round_up(enc), _round_up(dec)))
+    with partitioner.context():
+      r = np.asarray(jax.device_get(fn(params, _shard(partitioner, batch, batch_size))))
+    out.extend(float(x) for x in r[:n])
+  return out
+
+
+@functools.lru_cache(maxsize=4)
+def _reward_fn(model, partitioner):
+  return jax.jit(model.rewards, out_shardings=partitioner.replicated())
+
+
 def _score(model, params, partitioner, examples, batch_size):
+  if isinstance(model, preference.RewardModel):
+    records = []
+    for e, r in zip(examples, _rewards(model, params, partitioner, examples, batch_size)):
+      record = {'input_ids': list(map(int, e.input_ids)),
+                'target_ids': list(map(int, e.target_ids)), 'reward': r}
+      if e.input_text is not None:
+        record['input'] = e.input_text
+      if e.target_text is not None:
+        record['target'] = e.target_text
+      records.append(record)
+    loop.chief_print(f'score: rewards of {len(records)} examples')
+    return records
   records = []
   for e, per_token in zip(examples, score_tokens(model, params, partitioner, examples,
                                                   batch_size)):
@@ -588,6 +624,8 @@ def _report(result: Dict[str, Any]) -> None:
   for r in records[:3]:
     if 'output' in r:
       loop.chief_print(f'  {r["input"]!r} -> {r["output"]!r}')
+    elif 'reward' in r:
+      loop.chief_print(f'  reward {r["reward"]:.4f}')
     else:
       loop.chief_print(f'  log-likelihood {r["log_likelihood"]:.4f} over {r["num_tokens"]} '
                        'tokens')

@@ -362,7 +362,7 @@ def _check_settings(args: Dict[str, Any]) -> None:
     name = _setting('sample_decoding', args['sample_decoding'])
     raise utils.InputError(f'{name}={args["sample_decoding"]!r} must be '
                            '@decoding.DecodingConfig() or None')
-  utils.check_types(args, (('model', (model_lib.BaseModel, preference.DpoModel)),
+  utils.check_types(args, (('model', (model_lib.BaseModel, preference.PairedModel)),
                            ('train_dataset', pipeline.DatasetConfig),
                            ('optimizer', optimizers.Optimizer),
                            ('partitioner', partitioner_lib.Partitioner)),

@@ -89,7 +89,7 @@ def get_mixture_or_task(name: str):
 def feature_converter(model: model_lib.BaseModel, task_feature_lengths: Mapping[str, int],
                       pack: bool) -> seqio.FeatureConverter:
   """The seqio converter that produces `model`'s features."""
-  if isinstance(model, preference.DpoModel):
+  if isinstance(model, preference.PairedModel):
     return preferences.PairedFeatureConverter(model.encoder_decoder, pack)
   if isinstance(model, model_lib.EncoderDecoderModel):
     if 'inputs' not in task_feature_lengths:

@@ -178,3 +178,31 @@ def test_dpo_sharded_equals_single_device(dpo_reference, mesh):
   assert not any(k.startswith('reference/') for k in peft.flat(grads))
   for k, g in peft.flat(grads).items():
     np.testing.assert_allclose(peft.flat(s_grads)[k], g, rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_reward_model_bradley_terry_loss():
+  policy = model_lib.DecoderOnlyModel(tu.tiny_decoder())
+  rm = preference.RewardModel(policy)
+  batch = _pair_batch(rm)
+  params = tu.init_params(rm, batch)
+  assert params['decoder']['reward_head'].shape == (32,)
+  assert rm.added_pattern().startswith('(^|/)reward_head$')
+  _, metrics = jax.jit(rm.loss_fn)(params, batch)
+  np.testing.assert_allclose(float(metrics['loss'].compute()), np.log(2), rtol=1e-6)  # r = 0
+  params['decoder']['reward_head'] = jax.random.normal(jax.random.PRNGKey(0), (32,))
+  loss_sum, metrics = jax.jit(rm.loss_fn)(params, batch)
+  side = lambda s: preference.side_batch(batch, s)
+  r = {s: np.asarray(rm.rewards(params, side(s))) for s in preference.SIDES}
+  np.testing.assert_allclose(float(loss_sum), np.sum(-_log_sigmoid((r['chosen'] - r['rejected'])[:3])),
+                             rtol=1e-5)
+  assert r['chosen'][3] == 0.0  # the padding row
+  # The reward is read at each row's last response token: what follows it changes nothing.
+  b = dict(side('chosen'))
+  last = int(np.max(np.nonzero(b['decoder_loss_weights'][0])[0]))
+  changed = dict(b, decoder_input_tokens=b['decoder_input_tokens'].copy())
+  changed['decoder_input_tokens'][0, last + 1:] = 7
+  assert rm.rewards(params, changed)[0] == pytest.approx(float(r['chosen'][0]), abs=1e-6)
+  changed['decoder_input_tokens'][0, last] = 9
+  assert rm.rewards(params, changed)[0] != pytest.approx(float(r['chosen'][0]), abs=1e-6)
+  with pytest.raises(cfg.ConfigError, match='decoder-only'):
+    preference.RewardModel(model_lib.EncoderDecoderModel(tu.tiny_encdec()))

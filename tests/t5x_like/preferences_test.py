@@ -144,3 +144,28 @@ def test_each_half_is_what_seqios_converter_makes(encdec):
       assert {k[len(side) + 1:] for k in g if k.startswith(side)} == set(w)
       for k, v in w.items():
         np.testing.assert_array_equal(g[f'{side}_{k}'], v, err_msg=f'{side}_{k}')
+
+
+def test_reward_model_run_and_infer_scores_rewards(tmp_path):
+  from t5x_like import infer as infer_lib  # pylint: disable=g-import-not-at-top
+  from t5x_like import train as train_lib  # pylint: disable=g-import-not-at-top
+  base_dir, rm_dir = str(tmp_path / 'base'), str(tmp_path / 'rm')
+  common = ['BATCH_SIZE = 8', 'WARMUP_STEPS = 1', 'train_lib.train.peak_flops = 1e11',
+            'train_lib.train.checkpoint_every = 100']
+  train_lib.run(['models/llama/tiny.gin', 'runs/pretrain.gin'], [
+      "MIXTURE_OR_TASK_NAME = 'stdlib_lm'", "TASK_FEATURE_LENGTHS = {'targets': 32}",
+      'TRAIN_STEPS = 2', f"MODEL_DIR = '{base_dir}'", 'train_lib.train.eval_split = None',
+      *common])
+  result = train_lib.run(['models/llama/tiny.gin', 'runs/reward_model.gin'], [
+      f"INITIAL_CHECKPOINT = '{base_dir}'", f"MODEL_DIR = '{rm_dir}'", 'TRAIN_STEPS = 3',
+      "TASK_FEATURE_LENGTHS = {'inputs': 48, 'chosen': 24, 'rejected': 24}",
+      'LEARNING_RATE = 1e-2', 'train_lib.train.eval_steps = 1', *common])
+  assert result['first_eval']['rewards/accuracy'] == 0.5  # every reward starts at 0
+  data = tmp_path / 'in.jsonl'
+  data.write_text('{"input": "    def f(self):\\n", "target": "        return self.x"}\n')
+  out = infer_lib.run(['models/llama/tiny.gin', 'runs/infer.gin'], [
+      f"CHECKPOINT_PATH = '{rm_dir}'", f"OUTPUT_FILE = '{tmp_path / 'out.jsonl'}'",
+      "MODE = 'score'", f"INPUT_FILE = '{data}'",
+      'infer_lib.infer.model = @preference.RewardModel()'])
+  [record] = out['records']
+  assert isinstance(record['reward'], float) and record['reward'] != 0.0
