@@ -2,7 +2,7 @@
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -47,7 +47,8 @@ def dot_product_attention(kernel: cfg.AttentionKernel, q: Array, k: Array, v: Ar
                           rel_bias: Optional[xla.RelativeBias] = None,
                           dropout_rate: float = 0.0,
                           dropout_rng: Optional[Array] = None,
-                          scale: Optional[float] = None) -> Array:
+                          scale: Optional[float] = None,
+                          prefix: Optional[Tuple[Array, Array]] = None) -> Array:
   """The single place an attention implementation is chosen.
 
   q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim].
@@ -58,10 +59,13 @@ def dot_product_attention(kernel: cfg.AttentionKernel, q: Array, k: Array, v: Ar
                kv_prefix=kv_ctx.prefix if causal else None, scale=scale)
   match kernel:
     case cfg.AttentionKernel.XLA:
+      prefix_k, prefix_v = prefix if prefix is not None else (None, None)
       return xla.attention(q, k, v, **masks, alibi_slopes=alibi_slopes,
                            rel_bias=rel_bias, dropout_rate=dropout_rate,
-                           dropout_rng=dropout_rng)
+                           dropout_rng=dropout_rng, prefix_k=prefix_k, prefix_v=prefix_v)
     case cfg.AttentionKernel.FLASH:
+      if prefix is not None:
+        raise ValueError("attention_kernel=flash has no prefix-tuning path: use 'xla'")
       if dropout_rng is not None and dropout_rate > 0.0:
         raise ValueError('attention_kernel=flash does not apply attention dropout: '
                          'set dropout_rate = 0.0 or attention_kernel = "xla"')
@@ -157,6 +161,16 @@ class MultiHeadAttention(nn.Module):
       k = nn.with_logical_constraint(k, _KV_AXES)
       v = nn.with_logical_constraint(v, _KV_AXES)
 
+    prefix = None
+    if (self.peft is not None and self.peft.method == cfg.PeftMethod.PREFIX and
+        not self.cross_attention):
+      # Prefix tuning: learned keys and values every query attends to (no positions).
+      shape = (self.peft.num_virtual_tokens, self.num_kv_heads, self.head_dim)
+      init = nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                          (ax.ADAPTER, ax.KV_HEADS, ax.HEAD_DIM))
+      prefix = (jnp.asarray(self.param('prefix_key', init, shape, self.param_dtype), self.dtype),
+                jnp.asarray(self.param('prefix_value', init, shape, self.param_dtype), self.dtype))
+
     alibi = None
     match self.position_encoding:
       case cfg.PositionEncoding.ROPE:
@@ -178,8 +192,10 @@ class MultiHeadAttention(nn.Module):
 
     if q_ctx.decode == 'step' and not self.cross_attention:
       # Over the cache in its own layout (no step transposes or copies it), causal.
+      prefix_k, prefix_v = prefix if prefix is not None else (None, None)
       out = xla.cached_attention(q, k, v, q_ctx.positions, alibi_slopes=alibi,
-                                 rel_bias=rel_bias, scale=self.query_scale)
+                                 rel_bias=rel_bias, scale=self.query_scale,
+                                 prefix_k=prefix_k, prefix_v=prefix_v)
     else:
       dropout_rng = None
       if not self.deterministic and self.dropout_rate > 0.0:
@@ -187,7 +203,8 @@ class MultiHeadAttention(nn.Module):
       out = dot_product_attention(
           self.kernel, q, k, v, q_ctx=q_ctx, kv_ctx=kv_ctx, causal=causal,
           alibi_slopes=alibi, rel_bias=rel_bias, dropout_rate=self.dropout_rate,
-          dropout_rng=dropout_rng, scale=self.query_scale)  # [batch, q_len, heads, head_dim]
+          dropout_rng=dropout_rng, scale=self.query_scale,
+          prefix=prefix)  # [batch, q_len, heads, head_dim]
     out = nn.with_logical_constraint(out, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))
     return dense((emb,), (ax.HEADS, ax.HEAD_DIM, ax.EMBED), axis=(-2, -1),
                  init_scale=self.value_init_scale, name='out')(out)

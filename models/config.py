@@ -85,6 +85,7 @@ class PeftMethod(enum.Enum):
   IA3 = 'ia3'  # learned scaling of keys, values and the MLP hidden (Liu et al., 2022)
   ADAPTERS = 'adapters'  # Houlsby bottlenecks after attention and the MLP (Houlsby et al., 2019)
   BITFIT = 'bitfit'  # the dense layers' biases only (Ben Zaken et al., 2021)
+  PREFIX = 'prefix'  # learned per-layer key/value prefixes every query attends to (Li & Liang, 2021)
 
 
 class BaseQuantization(enum.Enum):
@@ -111,6 +112,7 @@ class PeftConfig:
     rank, alpha, dropout: LoRA's r, its scale alpha / r, and the dropout on
       the low-rank branch's input.
     adapter_dim: the adapters' bottleneck width.
+    num_virtual_tokens: prefix tuning's prefix length (key/value slots per layer).
     quantization: 'nf4' (QLoRA) or 'int8' stores every frozen dense kernel of
       the base (not the output projection `logits_dense`) quantized in blocks of
       `quantization_block_size` weights, dequantized on the fly in the forward.
@@ -121,6 +123,7 @@ class PeftConfig:
   alpha: float = 16.0
   dropout: float = 0.0
   adapter_dim: int = 16
+  num_virtual_tokens: int = 8
   quantization: BaseQuantization = BaseQuantization.NONE
   quantization_block_size: int = 64
 
@@ -145,6 +148,9 @@ class PeftConfig:
                           f'({e}): use e.g. \'query|value\'') from None
     if int(self.rank) < 1:
       raise ConfigError(f'PeftConfig.rank={self.rank} must be at least 1')
+    if int(self.num_virtual_tokens) < 1:
+      raise ConfigError(f'PeftConfig.num_virtual_tokens={self.num_virtual_tokens} must be at '
+                        'least 1')
     if int(self.adapter_dim) < 1:
       raise ConfigError(f'PeftConfig.adapter_dim={self.adapter_dim} must be at least 1')
     if not 0.0 <= self.dropout < 1.0:
@@ -269,6 +275,10 @@ class DecoderConfig:
     self._check_moe(name)
     if self.peft is not None and not isinstance(self.peft, PeftConfig):
       raise ConfigError(f'{name}.peft={self.peft!r} must be @model_config.PeftConfig() or None')
+    if (self.peft is not None and self.peft.method == PeftMethod.PREFIX and
+        self.attention_kernel == AttentionKernel.FLASH):
+      raise ConfigError(f'{name}: prefix tuning attends to its prefixes in the XLA attention: '
+                        f"set {name}.attention_kernel = 'xla'")
     for field in ('dtype', 'param_dtype'):
       try:
         jnp.dtype(getattr(self, field))

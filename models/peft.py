@@ -30,6 +30,7 @@ _TRAINABLE = {
     cfg.PeftMethod.IA3: r'(^|/)ia3_scale$',
     cfg.PeftMethod.ADAPTERS: r'(^|/)adapter_(attention|mlp)/',
     cfg.PeftMethod.BITFIT: r'(^|/)bias$',
+    cfg.PeftMethod.PREFIX: r'(^|/)prefix_(key|value)$',
 }
 # The parameters each method adds (the rest come from the base checkpoint).
 _ADDED = {
@@ -37,6 +38,7 @@ _ADDED = {
     cfg.PeftMethod.IA3: _TRAINABLE[cfg.PeftMethod.IA3],
     cfg.PeftMethod.ADAPTERS: _TRAINABLE[cfg.PeftMethod.ADAPTERS],
     cfg.PeftMethod.BITFIT: None,
+    cfg.PeftMethod.PREFIX: _TRAINABLE[cfg.PeftMethod.PREFIX],
 }
 
 
@@ -255,9 +257,10 @@ def merge_into_base(params: Params, peft_config: Optional[cfg.PeftConfig],
   """
   if peft_config is None:
     return dict(params)
-  if peft_config.method == cfg.PeftMethod.ADAPTERS:
-    raise cfg.ConfigError('adapters add layers that the plain model does not have, so they '
-                          'cannot be merged into it: use the run with its PEFT config, or LoRA')
+  if peft_config.method in (cfg.PeftMethod.ADAPTERS, cfg.PeftMethod.PREFIX):
+    raise cfg.ConfigError(f'{peft_config.method.value} add what the plain model does not have '
+                          '(layers, attention prefixes), so they cannot be merged into it: use '
+                          'the run with its PEFT config, or LoRA')
   if peft_config.quantization != cfg.BaseQuantization.NONE:
     params = dequantize_like(params, plain)
   if peft_config.method == cfg.PeftMethod.LORA:

@@ -129,7 +129,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
               rel_bias: Optional[RelativeBias] = None,
               scale: Optional[float] = None,
               dropout_rate: float = 0.0,
-              dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+              dropout_rng: Optional[jax.Array] = None,
+              prefix_k: Optional[jax.Array] = None,
+              prefix_v: Optional[jax.Array] = None) -> jax.Array:
   """Reference attention.
 
   Args:
@@ -145,6 +147,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     rel_bias: T5 relative-position bias.
     scale: softmax scale; 1/sqrt(head_dim) by default.
     dropout_rate, dropout_rng: dropout on the attention probabilities.
+    prefix_k, prefix_v: [prefix_len, kv_heads, head_dim] keys and values every
+      query also attends to, in the same softmax, with no mask or position bias
+      (prefix tuning, Li & Liang 2021).
 
   Returns:
     [batch, q_len, heads, head_dim] in q's dtype; zeros for a query that no
@@ -175,6 +180,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                         q_prefix=q_prefix, kv_prefix=kv_prefix)
   if mask is not None:
     logits = jnp.where(mask, logits, MASK_VALUE)
+  if prefix_k is not None:  # the prefix's logits first, visible to every query
+    prefix_logits = jnp.einsum('bqhgd,khd->bhgqk', qg, prefix_k.astype(q.dtype),
+                               preferred_element_type=jnp.float32) * scale
+    logits = jnp.concatenate([prefix_logits.reshape(batch, heads, q_len, -1), logits], -1)
+    v = jnp.concatenate([jnp.broadcast_to(prefix_v.astype(v.dtype)[None],
+                                          (batch,) + prefix_v.shape), v], axis=1)
+    kv_len = v.shape[1]
+    mask = None  # (every query may attend to the prefix)
   probs = jax.nn.softmax(logits, axis=-1)
   if mask is not None:
     # A query with no allowed key (padding against another segment) attends to
@@ -192,7 +205,9 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                      q_positions: jax.Array, *,
                      alibi_slopes: Optional[jax.Array] = None,
                      rel_bias: Optional[RelativeBias] = None,
-                     scale: Optional[float] = None) -> jax.Array:
+                     scale: Optional[float] = None,
+                     prefix_k: Optional[jax.Array] = None,
+                     prefix_v: Optional[jax.Array] = None) -> jax.Array:
   """Causal attention of a few new queries over a heads-major KV cache (decoding).
 
   `attention` with causal=True and kv_positions = the slot numbers, computed in
@@ -202,7 +217,7 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     q: [batch, q_len, heads, head_dim] (q_len is 1 in a decode step).
     k_cache, v_cache: [batch, kv_heads, slots, head_dim]; slot i holds position i.
     q_positions: [batch, q_len].
-    alibi_slopes, rel_bias, scale: as for `attention`.
+    alibi_slopes, rel_bias, scale, prefix_k, prefix_v: as for `attention`.
 
   Returns:
     [batch, q_len, heads, head_dim] in q's dtype.
@@ -226,8 +241,21 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     logits = logits + bias.reshape(batch, kv_heads, groups, q_len, slots).transpose(0, 1, 3, 2, 4)
   mask = kv_positions[:, None, :] <= q_positions[:, :, None]  # [batch, q_len, slots]
   logits = jnp.where(mask[:, None, :, None], logits, MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
-  probs = probs.reshape(batch, kv_heads, q_len * groups, slots)
-  out = jnp.einsum('bkms,bksd->bkmd', probs, v_cache, preferred_element_type=jnp.float32)
+  if prefix_k is None:
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
+    probs = probs.reshape(batch, kv_heads, q_len * groups, slots)
+    out = jnp.einsum('bkms,bksd->bkmd', probs, v_cache, preferred_element_type=jnp.float32)
+  else:  # one softmax over the prefix and the cache
+    n = prefix_k.shape[0]
+    prefix_logits = jnp.einsum('bkmd,nkd->bkmn', qg, prefix_k.astype(qg.dtype),
+                               preferred_element_type=jnp.float32) * scale
+    logits = jnp.concatenate([prefix_logits.reshape(batch, kv_heads, q_len, groups, n),
+                              logits], axis=-1)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
+    probs = probs.reshape(batch, kv_heads, q_len * groups, n + slots)
+    out = (jnp.einsum('bkmn,nkd->bkmd', probs[..., :n], prefix_v.astype(v_cache.dtype),
+                      preferred_element_type=jnp.float32) +
+           jnp.einsum('bkms,bksd->bkmd', probs[..., n:], v_cache,
+                      preferred_element_type=jnp.float32))
   out = out.reshape(batch, kv_heads, q_len, groups, head_dim).transpose(0, 2, 1, 3, 4)
   return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)

@@ -145,3 +145,66 @@ def test_merged_into_the_plain_model(peft_config, overrides):
 def test_adapters_cannot_merge():
   with pytest.raises(cfg.ConfigError, match='adapters add layers'):
     peft.merge_into_base({}, cfg.PeftConfig(method='adapters'), {})
+
+
+def _reference_attention_with_prefix(q, k, v, pk, pv, allowed, scale):
+  """Plain numpy: one softmax over [prefix; keys], the prefix visible to every query."""
+  b, ql, h, d = q.shape
+  kvh = k.shape[2]
+  g = h // kvh
+  n = pk.shape[0]
+  keys = np.concatenate([np.broadcast_to(pk, (b,) + pk.shape), k], axis=1)
+  values = np.concatenate([np.broadcast_to(pv, (b,) + pv.shape), v], axis=1)
+  keys, values = np.repeat(keys, g, axis=2), np.repeat(values, g, axis=2)
+  logits = np.einsum('bqhd,bkhd->bhqk', q, keys) * scale
+  mask = np.concatenate([np.ones((b, ql, n), bool), allowed], axis=-1)[:, None]
+  logits = np.where(mask, logits, -1e30)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum('bhqk,bkhd->bqhd', p, values)
+
+
+def test_attention_with_a_prefix_equals_the_reference():
+  from pallas_kernels.flash_attention import xla  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(0)
+  b, ql, h, kvh, d, n = 2, 6, 4, 2, 8, 3
+  q, k, v = (rng.randn(b, ql, x, d).astype(np.float32) for x in (h, kvh, kvh))
+  pk, pv = rng.randn(n, kvh, d).astype(np.float32), rng.randn(n, kvh, d).astype(np.float32)
+  seg = np.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
+  pos = np.array([[0, 1, 2, 0, 1, 0], list(range(6))])
+  allowed = ((seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0) &
+             (pos[:, None, :] <= pos[:, :, None]))
+  got = xla.attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos,
+                      kv_positions=pos, causal=True, prefix_k=pk, prefix_v=pv)
+  want = _reference_attention_with_prefix(q, k, v, pk, pv, allowed, 1 / np.sqrt(d))
+  real = seg > 0  # (what a padding query computes is never read)
+  np.testing.assert_allclose(np.asarray(got)[real], want[real], rtol=1e-5, atol=1e-5)
+  # The decode path over a cache: the same, one query at a time.
+  cache_k, cache_v = np.swapaxes(k, 1, 2), np.swapaxes(v, 1, 2)
+  qpos = np.full((b, 1), 4)
+  step = xla.cached_attention(q[:, 4:5], cache_k, cache_v, qpos, prefix_k=pk, prefix_v=pv)
+  causal = np.broadcast_to(np.arange(ql)[None, None, :] <= 4, (b, 1, ql))
+  want = _reference_attention_with_prefix(q[:, 4:5], k, v, pk, pv, causal, 1 / np.sqrt(d))
+  np.testing.assert_allclose(np.asarray(step), want, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_tuned_model_decodes_as_it_scores():
+  from t5x_like import decoding  # pylint: disable=g-import-not-at-top
+  model = model_lib.DecoderOnlyModel(tu.tiny_decoder(
+      num_kv_heads=1, peft=cfg.PeftConfig(method='prefix', num_virtual_tokens=3)))
+  batch = tu.random_batch(model, 2, {'targets': 12})
+  params = tu.init_params(model, batch)
+  assert {k.rsplit('/', 1)[-1] for k in peft.flat(peft.split(
+      params, model.trainable_pattern())[0])} == {'prefix_key', 'prefix_value'}
+  tokens = batch['decoder_input_tokens']
+  full = model.apply(params, {'decoder_input_tokens': tokens, 'decoder_target_tokens': tokens})
+  state, logits, positions = model.prefill(params, {'prompt_tokens': tokens[:, :5],
+                                                    'prompt_lengths': np.array([5, 5])}, 12)
+  np.testing.assert_allclose(logits, full[:, 4], rtol=1e-4, atol=1e-4)
+  for t in range(5, 9):
+    logits, state = model.decode_step(params, state, tokens[:, t], positions)
+    positions = positions + 1
+    np.testing.assert_allclose(logits, full[:, t], rtol=1e-4, atol=1e-4)
+  del decoding
+  with pytest.raises(cfg.ConfigError, match="attention_kernel = 'xla'"):
+    tu.tiny_decoder(attention_kernel='flash', peft=cfg.PeftConfig(method='prefix'))

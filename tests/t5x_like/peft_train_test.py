@@ -44,6 +44,7 @@ def _bits(tree):
     (cfg.PeftConfig(method='bitfit'), dict(use_bias=True), None),
     (LORA, {}, r'lora_|decoder_norm'),
     (cfg.PeftConfig(method='lora', targets='.', quantization='nf4'), {}, None),
+    (cfg.PeftConfig(method='prefix', num_virtual_tokens=4), {}, None),
 ])
 def test_only_the_chosen_parameters_train(method, overrides, extra):
   model = model_lib.DecoderOnlyModel(tu.tiny_decoder(peft=method, **overrides))
