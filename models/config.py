@@ -86,6 +86,7 @@ class PeftMethod(enum.Enum):
   ADAPTERS = 'adapters'  # Houlsby bottlenecks after attention and the MLP (Houlsby et al., 2019)
   BITFIT = 'bitfit'  # the dense layers' biases only (Ben Zaken et al., 2021)
   PREFIX = 'prefix'  # learned per-layer key/value prefixes every query attends to (Li & Liang, 2021)
+  PROMPT = 'prompt'  # a learned soft prompt before every sequence (Lester et al., 2021)
 
 
 class BaseQuantization(enum.Enum):
@@ -112,7 +113,8 @@ class PeftConfig:
     rank, alpha, dropout: LoRA's r, its scale alpha / r, and the dropout on
       the low-rank branch's input.
     adapter_dim: the adapters' bottleneck width.
-    num_virtual_tokens: prefix tuning's prefix length (key/value slots per layer).
+    num_virtual_tokens: prefix tuning's prefix length (key/value slots per layer);
+      prompt tuning's soft-prompt length (0: none, the base model).
     quantization: 'nf4' (QLoRA) or 'int8' stores every frozen dense kernel of
       the base (not the output projection `logits_dense`) quantized in blocks of
       `quantization_block_size` weights, dequantized on the fly in the forward.
@@ -148,7 +150,7 @@ class PeftConfig:
                           f'({e}): use e.g. \'query|value\'') from None
     if int(self.rank) < 1:
       raise ConfigError(f'PeftConfig.rank={self.rank} must be at least 1')
-    if int(self.num_virtual_tokens) < 1:
+    if int(self.num_virtual_tokens) < (0 if self.method == PeftMethod.PROMPT else 1):
       raise ConfigError(f'PeftConfig.num_virtual_tokens={self.num_virtual_tokens} must be at '
                         'least 1')
     if int(self.adapter_dim) < 1:

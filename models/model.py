@@ -401,6 +401,9 @@ class EncoderDecoderModel(BaseModel):
     if kwargs.get('decoder_start_token', 0) is None:
       raise cfg.ConfigError('EncoderDecoderModel.decoder_start_token must be a token id (T5: '
                             '0), not None')
+    if config.peft is not None and config.peft.method == cfg.PeftMethod.PROMPT:
+      raise cfg.ConfigError("prompt tuning is built for decoder-only models: use method "
+                            "'prefix' or 'lora' on an encoder-decoder")
     if not isinstance(config, cfg.EncoderDecoderConfig):
       raise cfg.ConfigError('EncoderDecoderModel needs an EncoderDecoderConfig, got '
                             f'{type(config).__name__}: bind EncoderDecoderModel.config = '

@@ -31,6 +31,7 @@ _TRAINABLE = {
     cfg.PeftMethod.ADAPTERS: r'(^|/)adapter_(attention|mlp)/',
     cfg.PeftMethod.BITFIT: r'(^|/)bias$',
     cfg.PeftMethod.PREFIX: r'(^|/)prefix_(key|value)$',
+    cfg.PeftMethod.PROMPT: r'(^|/)soft_prompt$',
 }
 # The parameters each method adds (the rest come from the base checkpoint).
 _ADDED = {
@@ -39,6 +40,7 @@ _ADDED = {
     cfg.PeftMethod.ADAPTERS: _TRAINABLE[cfg.PeftMethod.ADAPTERS],
     cfg.PeftMethod.BITFIT: None,
     cfg.PeftMethod.PREFIX: _TRAINABLE[cfg.PeftMethod.PREFIX],
+    cfg.PeftMethod.PROMPT: _TRAINABLE[cfg.PeftMethod.PROMPT],
 }
 
 
@@ -257,10 +259,11 @@ def merge_into_base(params: Params, peft_config: Optional[cfg.PeftConfig],
   """
   if peft_config is None:
     return dict(params)
-  if peft_config.method in (cfg.PeftMethod.ADAPTERS, cfg.PeftMethod.PREFIX):
+  if peft_config.method in (cfg.PeftMethod.ADAPTERS, cfg.PeftMethod.PREFIX,
+                            cfg.PeftMethod.PROMPT):
     raise cfg.ConfigError(f'{peft_config.method.value} add what the plain model does not have '
-                          '(layers, attention prefixes), so they cannot be merged into it: use '
-                          'the run with its PEFT config, or LoRA')
+                          '(layers, attention prefixes, a soft prompt), so they cannot be merged '
+                          'into it: use the run with its PEFT config, or LoRA')
   if peft_config.quantization != cfg.BaseQuantization.NONE:
     params = dequantize_like(params, plain)
   if peft_config.method == cfg.PeftMethod.LORA:

@@ -226,6 +226,19 @@ class _StackIO(nn.Module):
     x = nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))(x, deterministic=self.deterministic)
     return x.astype(c.compute_dtype)
 
+  def _prepend_soft_prompt(self, x: Array, ctx: attn.Context, n: int):
+    """Prompt tuning: the learned `soft_prompt` [n, embed] before each row's tokens
+    (unpacked rows: one sequence per row), its positions 0..n-1 and the tokens' after."""
+    c = self.config
+    ctx = _with_prompt(ctx, n)
+    if ctx.decode == 'step':  # (the prompt is in the cache since prefill)
+      return x, ctx
+    prompt = self.param('soft_prompt', nn.with_logical_partitioning(
+        _soft_prompt_init(self.embedder.embedding), (ax.ADAPTER, ax.EMBED)),
+        (n, c.emb_dim), c.params_dtype)
+    prompt = jnp.broadcast_to(jnp.asarray(prompt, x.dtype)[None], (x.shape[0], n, c.emb_dim))
+    return jnp.concatenate([prompt, x], axis=1), ctx
+
   def rel_table(self) -> Optional[Array]:
     c = self.config
     if c.position_encoding != cfg.PositionEncoding.T5_BIAS:
@@ -273,10 +286,17 @@ class Decoder(_StackIO):
     c = self.config
     alpha, beta = deepnorm_constants(self.num_encoder_layers, c.num_layers, encoder=False)
     x = self.embed(tokens, ctx)
+    n = 0
+    if c.peft is not None and c.peft.method == cfg.PeftMethod.PROMPT and encoded is None:
+      n = c.peft.num_virtual_tokens
+      if n:  # (zero length: the base model)
+        x, ctx = self._prepend_soft_prompt(x, ctx, n)
     x = Stack(c, c.num_layers, causal=True, cross_attention=encoded is not None,
               deterministic=self.deterministic, deepnorm_alpha=alpha, deepnorm_beta=beta,
               name='stack')(x, ctx, self.rel_table(), encoded, enc_ctx)
     x = self.final_norm(x, 'decoder_norm')
+    if n and ctx.decode != 'step':
+      x = x[:, n:]  # the soft prompt's positions predict nothing
     if self.reward_head:
       w = self.param('reward_head', nn.with_logical_partitioning(
           nn.initializers.zeros_init(), (ax.EMBED,)), (c.emb_dim,), c.params_dtype)
@@ -296,6 +316,35 @@ class Decoder(_StackIO):
     if self.reward_head:  # (initializing: the output layer's parameters are made too)
       return rewards
     return logits.astype(jnp.float32)  # [batch, length, vocab]
+
+
+def _soft_prompt_init(table: Array):
+  """Soft prompts start as the embeddings of random vocabulary tokens (Lester et al.)."""
+  def init(key, shape, dtype):
+    ids = jax.random.randint(key, (shape[0],), 0, table.shape[0])
+    return jnp.take(table, ids, axis=0).astype(dtype)
+  return init
+
+
+def _with_prompt(ctx: attn.Context, n: int) -> attn.Context:
+  """The Context of a row with `n` soft-prompt positions before its tokens (at a decode
+  step: the token's positions, moved past the prompt)."""
+  positions = ctx.positions + n
+  if ctx.decode == 'step':
+    return ctx.replace(positions=positions)
+  batch = positions.shape[0]
+  lead = jnp.broadcast_to(jnp.arange(n, dtype=positions.dtype), (batch, n))
+  seg = ctx.segment_ids
+  if seg is not None:  # the prompt belongs to the row's (first, only) sequence
+    seg = jnp.concatenate([jnp.broadcast_to(seg[:, :1], (batch, n)), seg], axis=1)
+  prefix = ctx.prefix
+  if prefix is not None:  # a prefix LM reads its prompt bidirectionally, the soft one too
+    prefix = jnp.concatenate([jnp.ones((batch, n), bool), prefix], axis=1)
+  token_ids = ctx.token_ids
+  if token_ids is not None:
+    token_ids = jnp.concatenate([jnp.zeros((batch, n), token_ids.dtype), token_ids], axis=1)
+  return ctx.replace(positions=jnp.concatenate([lead, positions], axis=1), segment_ids=seg,
+                     prefix=prefix, token_ids=token_ids)
 
 
 def _context(tokens: Array, positions: Optional[Array], segment_ids: Optional[Array],

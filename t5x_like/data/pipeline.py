@@ -121,6 +121,10 @@ def validate(config: DatasetConfig, model: model_lib.BaseModel) -> None:
                     f'{"train_lib.train.eval_split" if config.split != "train" else "pipeline.DatasetConfig.split"} '
                     'to one of those')
   model.check_lengths(config.task_feature_lengths)
+  peft_config = model.config.peft
+  if peft_config is not None and peft_config.method.value == 'prompt' and config.pack:
+    raise DataError('prompt tuning puts its soft prompt before each row, so a row must hold '
+                    'one sequence: set pipeline.DatasetConfig.pack = False')
   if isinstance(model, preference.DpoModel) and model.reference == preference.Reference.PRECOMPUTED:
     spec = build_dataset(config, model).element_spec
     missing = [k for k in preference.REFERENCE_FEATURES if k not in spec]

@@ -143,7 +143,7 @@ def test_merged_into_the_plain_model(peft_config, overrides):
 
 
 def test_adapters_cannot_merge():
-  with pytest.raises(cfg.ConfigError, match='adapters add layers'):
+  with pytest.raises(cfg.ConfigError, match='adapters add what the plain model does not have'):
     peft.merge_into_base({}, cfg.PeftConfig(method='adapters'), {})
 
 
@@ -208,3 +208,30 @@ def test_prefix_tuned_model_decodes_as_it_scores():
   del decoding
   with pytest.raises(cfg.ConfigError, match="attention_kernel = 'xla'"):
     tu.tiny_decoder(attention_kernel='flash', peft=cfg.PeftConfig(method='prefix'))
+
+
+def test_prompt_tuning_zero_length_is_the_base_and_decodes_as_it_scores():
+  base = model_lib.DecoderOnlyModel(tu.tiny_decoder(num_kv_heads=1))
+  empty = model_lib.DecoderOnlyModel(tu.tiny_decoder(
+      num_kv_heads=1, peft=cfg.PeftConfig(method='prompt', num_virtual_tokens=0)))
+  batch = tu.random_batch(base, 2, {'targets': 12})
+  params = tu.init_params(base, batch)
+  np.testing.assert_array_equal(empty.apply(params, batch), base.apply(params, batch))
+  model = model_lib.DecoderOnlyModel(tu.tiny_decoder(
+      num_kv_heads=1, peft=cfg.PeftConfig(method='prompt', num_virtual_tokens=4)))
+  params = tu.init_params(model, batch)
+  assert params['decoder']['soft_prompt'].shape == (4, 32)
+  tokens = batch['decoder_input_tokens']
+  full = model.apply(params, {'decoder_input_tokens': tokens, 'decoder_target_tokens': tokens})
+  assert full.shape == (2, 12, 256)
+  assert not np.allclose(full, base.apply(peft.split(params, 'soft_prompt')[1], batch))
+  state, logits, positions = model.prefill(params, {'prompt_tokens': tokens[:, :5],
+                                                    'prompt_lengths': np.array([5, 3])}, 12)
+  np.testing.assert_allclose(logits[0], full[0, 4], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(logits[1], full[1, 2], rtol=1e-4, atol=1e-4)
+  step_tokens = np.array([tokens[0, 5], tokens[1, 3]])
+  logits, state = model.decode_step(params, state, step_tokens, positions)
+  np.testing.assert_allclose(logits[0], full[0, 5], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(logits[1], full[1, 3], rtol=1e-4, atol=1e-4)
+  with pytest.raises(cfg.ConfigError, match='decoder-only'):
+    model_lib.EncoderDecoderModel(tu.tiny_encdec(peft=cfg.PeftConfig(method='prompt')))

@@ -45,10 +45,13 @@ def _bits(tree):
     (LORA, {}, r'lora_|decoder_norm'),
     (cfg.PeftConfig(method='lora', targets='.', quantization='nf4'), {}, None),
     (cfg.PeftConfig(method='prefix', num_virtual_tokens=4), {}, None),
+    (cfg.PeftConfig(method='prompt', num_virtual_tokens=4), {}, None),
 ])
 def test_only_the_chosen_parameters_train(method, overrides, extra):
   model = model_lib.DecoderOnlyModel(tu.tiny_decoder(peft=method, **overrides))
-  batches = [tu.random_batch(model, 8, {'targets': 32}, packed=True)] * 4  # fits it: loss falls
+  # (prompt tuning reads one sequence per row)
+  packed = method.method != cfg.PeftMethod.PROMPT
+  batches = [tu.random_batch(model, 8, {'targets': 32}, packed=packed)] * 4  # fits it: loss falls
   trainer = _trainer(model, batches, optimizer=optimizers.adamw(1e-2), trainable_params=extra)
   state = trainer.init_state()
   pattern = extra or peft.trainable_pattern(method)
@@ -203,3 +206,12 @@ def test_qlora_run_quantizes_its_base(tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(tuned[k]), np.asarray(v), err_msg=k)
   saved = peft.flat(checkpoints.restore_params(*checkpoints.resolve(qlora_dir)))
   assert all('/lora_' in k for k in saved)  # the checkpoint: only the LoRA factors
+
+
+def test_prompt_tuning_refuses_packed_rows():
+  from t5x_like.data import pipeline  # pylint: disable=g-import-not-at-top
+  model = model_lib.DecoderOnlyModel(tu.tiny_decoder(
+      vocab_size=384, peft=cfg.PeftConfig(method='prompt', num_virtual_tokens=4)))
+  config = pipeline.DatasetConfig('stdlib_lm', {'targets': 32}, batch_size=8, pack=True)
+  with pytest.raises(pipeline.DataError, match='pack = False'):
+    pipeline.validate(config, model)
