@@ -572,31 +572,26 @@ def _reward_fn(model, partitioner):
   return jax.jit(model.rewards, out_shardings=partitioner.replicated())
 
 
+def _scored_record(e: Example, **values) -> Dict[str, Any]:
+  record = {'input_ids': list(map(int, e.input_ids)),
+            'target_ids': list(map(int, e.target_ids)), **values}
+  if e.input_text is not None:
+    record['input'] = e.input_text
+  if e.target_text is not None:
+    record['target'] = e.target_text
+  return record
+
+
 def _score(model, params, partitioner, examples, batch_size):
   if isinstance(model, preference.RewardModel):
-    records = []
-    for e, r in zip(examples, _rewards(model, params, partitioner, examples, batch_size)):
-      record = {'input_ids': list(map(int, e.input_ids)),
-                'target_ids': list(map(int, e.target_ids)), 'reward': r}
-      if e.input_text is not None:
-        record['input'] = e.input_text
-      if e.target_text is not None:
-        record['target'] = e.target_text
-      records.append(record)
+    records = [_scored_record(e, reward=r) for e, r in zip(
+        examples, _rewards(model, params, partitioner, examples, batch_size))]
     loop.chief_print(f'score: rewards of {len(records)} examples')
     return records
-  records = []
-  for e, per_token in zip(examples, score_tokens(model, params, partitioner, examples,
-                                                  batch_size)):
-    record = {'input_ids': list(map(int, e.input_ids)),
-              'target_ids': list(map(int, e.target_ids)),
-              'log_likelihood': float(np.sum(per_token, dtype=np.float64)),
-              'token_log_likelihoods': per_token, 'num_tokens': len(per_token)}
-    if e.input_text is not None:
-      record['input'] = e.input_text
-    if e.target_text is not None:
-      record['target'] = e.target_text
-    records.append(record)
+  records = [_scored_record(e, log_likelihood=float(np.sum(per_token, dtype=np.float64)),
+                            token_log_likelihoods=per_token, num_tokens=len(per_token))
+             for e, per_token in zip(examples, score_tokens(model, params, partitioner,
+                                                            examples, batch_size))]
   loop.chief_print(f'score: {len(records)} examples')
   return records
 

@@ -31,7 +31,7 @@ import re
 import sys
 import sysconfig
 import tempfile
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import seqio
@@ -333,14 +333,17 @@ def instruction_records() -> Iterator[Dict[str, str]]:
              'split': 'validation' if h < VALIDATION_PERCENT else 'train'}
 
 
-def instructions_dir() -> str:
+def cache_dir(name: str, version: int) -> str:
+  """Where an embedded set built from this interpreter's standard library is cached."""
   ver = '.'.join(map(str, sys.version_info[:3]))
-  return os.path.join(corpus.cache_root(), f'instructions-v{_VERSION}-py{ver}')
+  return os.path.join(corpus.cache_root(), f'{name}-v{version}-py{ver}')
 
 
-def build_instructions(root: Optional[str] = None) -> Dict[str, str]:
-  """Writes the embedded set (once) as {split}.jsonl; returns split -> path."""
-  root = root or instructions_dir()
+def build_split_files(root: str, records: Callable[[], Iterator[Dict[str, Any]]]
+                      ) -> Dict[str, str]:
+  """Writes `records()` (each naming its 'split') once as root/{split}.jsonl, through a
+  temporary folder renamed into place (concurrent builders never see half a set);
+  returns split -> path."""
   paths = {s: os.path.join(root, f'{s}.jsonl') for s in corpus.SPLITS}
   if all(os.path.exists(p) for p in paths.values()):
     return paths
@@ -348,7 +351,7 @@ def build_instructions(root: Optional[str] = None) -> Dict[str, str]:
   tmp = tempfile.mkdtemp(prefix='.building-', dir=os.path.dirname(root))
   try:
     files = {s: open(os.path.join(tmp, f'{s}.jsonl'), 'w') for s in corpus.SPLITS}
-    for r in instruction_records():
+    for r in records():
       files[r['split']].write(json.dumps(r) + '\n')
     for f in files.values():
       f.close()
@@ -362,6 +365,11 @@ def build_instructions(root: Optional[str] = None) -> Dict[str, str]:
         os.remove(f)
       os.rmdir(tmp)
   return paths
+
+
+def build_instructions(root: Optional[str] = None) -> Dict[str, str]:
+  """Writes the embedded set (once) as {split}.jsonl; returns split -> path."""
+  return build_split_files(root or cache_dir('instructions', _VERSION), instruction_records)
 
 
 STDLIB_INSTRUCTIONS = 'stdlib_instructions'

@@ -19,11 +19,7 @@ Every record is read and checked when the task is registered: a record missing
 """
 
 import hashlib
-import json
-import os
 import random
-import sys
-import tempfile
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -230,31 +226,10 @@ def preference_records():
       yield {'prompt': prompt, 'chosen': chosen, 'rejected': rejected, 'split': split}
 
 
-def preferences_dir() -> str:
-  ver = '.'.join(map(str, sys.version_info[:3]))
-  return os.path.join(corpus.cache_root(), f'preferences-v{_VERSION}-py{ver}')
-
-
 def build_preferences(root: Optional[str] = None) -> Dict[str, str]:
   """Writes the embedded set (once) as {split}.jsonl; returns split -> path."""
-  root = root or preferences_dir()
-  paths = {s: os.path.join(root, f'{s}.jsonl') for s in corpus.SPLITS}
-  if all(os.path.exists(p) for p in paths.values()):
-    return paths
-  os.makedirs(os.path.dirname(root), exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.building-', dir=os.path.dirname(root))
-  files = {s: open(os.path.join(tmp, f'{s}.jsonl'), 'w') for s in corpus.SPLITS}
-  for r in preference_records():
-    files[r['split']].write(json.dumps(r) + '\n')
-  for f in files.values():
-    f.close()
-  try:
-    os.rename(tmp, root)
-  except OSError:  # another process finished first; its files are identical
-    for s in corpus.SPLITS:
-      os.remove(os.path.join(tmp, f'{s}.jsonl'))
-    os.rmdir(tmp)
-  return paths
+  return instructions.build_split_files(root or instructions.cache_dir('preferences', _VERSION),
+                                        preference_records)
 
 
 STDLIB_PREFERENCES = 'stdlib_preferences'
