@@ -24,8 +24,68 @@ Array = jax.Array
 Initializer = Callable[..., Array]
 
 default_kernel_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
-# Dense layers a quantized base keeps in full precision (as QLoRA keeps the LM head).
+# Dense layers a quantized base keeps in full precision unless
+# `PeftConfig.quantize_embeddings` (the vocabulary-sized output layer).
 UNQUANTIZED = ('logits_dense',)
+
+
+def base_quantization(peft: Optional[cfg.PeftConfig]) -> Optional[Tuple[str, int]]:
+  """(kind, block size) of a PEFT config's quantized frozen base, or None."""
+  if peft is None or peft.quantization == cfg.BaseQuantization.NONE:
+    return None
+  return peft.quantization.value, peft.quantization_block_size
+
+
+def quantized_parts(module: nn.Module, name: str, init: Initializer, shape: Tuple[int, ...],
+                    quant: Tuple[str, int], lead_axes: Tuple[str, ...] = ()) -> dict:
+  """Declares the stored parts of frozen weight `name` (`{name}_codes`, `{name}_absmax`, ...,
+  see models/quantization.py) and returns them. The first len(lead_axes) dims of `shape`
+  (e.g. experts, logical names `lead_axes`) each hold a separately quantized matrix.
+
+  A fresh model quantizes its random initial weight; a fine-tuning run replaces the parts
+  with those of its base checkpoint (`peft.quantize_like`).
+  """
+  kind, block = quant
+  lead = len(lead_axes)
+  lead_shape, matrix = tuple(shape[:lead]), tuple(shape[lead:])
+  stored = None
+  if module.is_initializing():
+    w = init(module.make_rng('params'), tuple(shape), jnp.float32).reshape((-1,) + matrix)
+    stored = jax.vmap(lambda m: quantization.quantize(m, kind, block))(w)
+    stored = {k: v.reshape(lead_shape + v.shape[1:]) for k, v in stored.items()}
+  parts = {}
+  for part, (part_shape, dtype) in quantization.stored_shapes(math.prod(matrix), kind,
+                                                              block).items():
+    full = lead_shape + tuple(part_shape)
+    names = tuple(lead_axes) + (ax.QUANTIZED,) * len(part_shape)
+    # (Flax also calls the initializer abstractly in apply, to check the shape.)
+    init_part = lambda *_, n=part, s=full, d=dtype: (
+        stored[n] if stored is not None else jnp.zeros(s, d))
+    parts[part] = module.param(f'{name}_{part}', nn.with_logical_partitioning(init_part, names))
+  return parts
+
+
+def quantized_param(module: nn.Module, name: str, init: Initializer, shape: Tuple[int, ...],
+                    quant: Tuple[str, int], lead_axes: Tuple[str, ...] = ()) -> Array:
+  """The f32 weight of `shape` dequantized on the fly from `quantized_parts`."""
+  parts = quantized_parts(module, name, init, shape, quant, lead_axes)
+  lead = len(lead_axes)
+  flat = {k: v.reshape((-1,) + v.shape[lead:]) for k, v in parts.items()}
+  w = jax.vmap(lambda p: quantization.dequantize(p, tuple(shape[lead:])))(flat)
+  return w.reshape(shape)
+
+
+def dequantized_dot(parts: dict, shape: Tuple[int, ...], x: Array, dimension_numbers,
+                    dtype: Any) -> Array:
+  """`lax.dot_general(x, W, dimension_numbers)` for the quantized weight W of `shape` stored
+  in `parts`, rematerialised: the backward pass dequantizes W again instead of keeping every
+  layer's full-precision W alive from the forward (what makes a quantized base small in
+  training, not only at rest)."""
+  @jax.checkpoint
+  def dot(parts, x):
+    w = quantization.dequantize(parts, shape).astype(dtype)
+    return jax.lax.dot_general(x, w, dimension_numbers)
+  return dot(parts, x)
 
 
 def _normalize_axes(axes: Sequence[int], ndim: int) -> Tuple[int, ...]:
@@ -73,20 +133,23 @@ class DenseGeneral(nn.Module):
       flat = self.kernel_init(key, (fan_in, math.prod(shape[len(in_shape):])), dtype)
       return (flat * self.init_scale).reshape(shape).astype(dtype)
 
-    if self._quantized():
-      kernel = self._quantized_kernel(init, kernel_shape)
+    quant = base_quantization(self.peft) if self._quantized() else None
+    if quant is not None:
+      parts = quantized_parts(self, 'kernel', init, kernel_shape, quant)
     else:
-      kernel = self.param('kernel', nn.with_logical_partitioning(init, self.kernel_axes),
-                          kernel_shape, self.param_dtype)
-    kernel = jnp.asarray(kernel, self.dtype)
+      kernel = jnp.asarray(self.param('kernel', nn.with_logical_partitioning(
+          init, self.kernel_axes), kernel_shape, self.param_dtype), self.dtype)
     x = jnp.asarray(x, self.dtype)
     method = self._peft_method()
     n_in = len(in_shape)
     if method == cfg.PeftMethod.IA3 and self.name == 'wo':
       # IA3 scales the MLP hidden: the input of the output projection.
       x = x * self._ia3_scale(in_shape, self.kernel_axes[:n_in], axis, x.ndim)
-    contract = (axis, tuple(range(len(axis))))
-    y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+    dims = ((axis, tuple(range(len(axis)))), ((), ()))
+    if quant is not None:
+      y = dequantized_dot(parts, kernel_shape, x, dims, self.dtype)
+    else:
+      y = jax.lax.dot_general(x, kernel, dims)
     # dot_general puts the uncontracted input dims first, then the features.
     if method == cfg.PeftMethod.LORA:
       y = y + self._lora_delta(x, axis, in_shape, features)
@@ -102,31 +165,9 @@ class DenseGeneral(nn.Module):
     return y
 
   def _quantized(self) -> bool:
-    """Whether this layer's kernel is a quantized frozen base (all but the output layer)."""
-    p = self.peft
-    return (p is not None and p.quantization != cfg.BaseQuantization.NONE and
-            self.name not in UNQUANTIZED)
-
-  def _quantized_kernel(self, init, kernel_shape) -> Array:
-    """The kernel, dequantized from its stored parts (`kernel_codes`, `kernel_absmax`, ...).
-
-    A fresh model quantizes its random initial kernel; a fine-tuning run replaces the
-    parts with those of its base checkpoint (`peft.quantize_like`).
-    """
-    kind, block = self.peft.quantization.value, self.peft.quantization_block_size
-    stored = None
-    if self.is_initializing():
-      stored = quantization.quantize(init(self.make_rng('params'), kernel_shape, jnp.float32),
-                                     kind, block)
-    shapes = quantization.stored_shapes(math.prod(kernel_shape), kind, block)
-    parts = {}
-    for name, (shape, dtype) in shapes.items():
-      names = (ax.QUANTIZED,) * len(shape)
-      # (Flax also calls the initializer abstractly in apply, to check the shape.)
-      init_part = lambda *_, n=name, s=shape, d=dtype: (
-          stored[n] if stored is not None else jnp.zeros(s, d))
-      parts[name] = self.param(f'kernel_{name}', nn.with_logical_partitioning(init_part, names))
-    return quantization.dequantize(parts, kernel_shape)
+    """Whether this layer's kernel is a quantized frozen base."""
+    q = base_quantization(self.peft)
+    return q is not None and (self.peft.quantize_embeddings or self.name not in UNQUANTIZED)
 
   def _peft_method(self) -> Optional[cfg.PeftMethod]:
     """LoRA or IA3 when this layer's path matches the PEFT targets, else None."""
@@ -176,28 +217,51 @@ class DenseGeneral(nn.Module):
 
 
 class Embed(nn.Module):
-  """Token embedding table [vocab, embed]; `attend` gives tied logits."""
+  """Token embedding table [vocab, embed]; `attend` gives tied logits.
+
+  `quantization` (kind, block size): the table is a frozen, quantized base
+  (`embedding_codes`, ...; QLoRA with `PeftConfig.quantize_embeddings`), a lookup
+  dequantizing only the rows it gathers.
+  """
   num_embeddings: int
   features: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   embedding_init: Initializer = nn.initializers.normal(stddev=1.0)
   axes: Tuple[str, str] = (ax.VOCAB, ax.EMBED)
+  quantization: Optional[Tuple[str, int]] = None
 
   def setup(self):
-    self.embedding = self.param(
-        'embedding', nn.with_logical_partitioning(self.embedding_init, self.axes),
-        (self.num_embeddings, self.features), self.param_dtype)
+    shape = (self.num_embeddings, self.features)
+    if self.quantization is None:
+      self.embedding = self.param(
+          'embedding', nn.with_logical_partitioning(self.embedding_init, self.axes), shape,
+          self.param_dtype)
+    else:
+      self.parts = quantized_parts(self, 'embedding', self.embedding_init, shape,
+                                   self.quantization)
+
+  def table(self) -> Array:
+    """The whole table [vocab, embed] in `dtype`."""
+    if self.quantization is None:
+      return jnp.asarray(self.embedding, self.dtype)
+    shape = (self.num_embeddings, self.features)
+    return quantization.dequantize(self.parts, shape).astype(self.dtype)
 
   def __call__(self, ids: Array) -> Array:
     """ids [batch, length] -> [batch, length, embed]."""
-    table = jnp.asarray(self.embedding, self.dtype)
-    return jnp.take(table, ids, axis=0)
+    if self.quantization is None:
+      return jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0)
+    return quantization.dequantize_rows(self.parts, (self.num_embeddings, self.features), ids,
+                                        self.quantization[1]).astype(self.dtype)
 
   def attend(self, x: Array) -> Array:
     """x [batch, length, embed] -> logits [batch, length, vocab]."""
-    return jnp.einsum('ble,ve->blv', jnp.asarray(x, self.dtype),
-                      jnp.asarray(self.embedding, self.dtype))
+    x = jnp.asarray(x, self.dtype)
+    if self.quantization is None:
+      return jnp.einsum('ble,ve->blv', x, jnp.asarray(self.embedding, self.dtype))
+    return dequantized_dot(self.parts, (self.num_embeddings, self.features), x,
+                           (((2,), (1,)), ((), ())), self.dtype)
 
 
 class RMSNorm(nn.Module):

@@ -121,6 +121,9 @@ class MoeBlock(nn.Module):
   param_dtype: Any = jnp.float32
   init_scale: float = 1.0
   gelu_approximate: bool = True  # tanh GELU; False: exact (erf)
+  # LoRA/IA3 on the shared experts' dense layers; with a quantized base (QLoRA) the
+  # experts' weights are stored quantized, each expert's matrix on its own.
+  peft: Optional[cfg.PeftConfig] = None
 
   def _expert_weights(self, emb: int):
     def init(key, shape, dtype):
@@ -128,8 +131,14 @@ class MoeBlock(nn.Module):
       keys = jax.random.split(key, shape[0])
       one = lambda k: layers.default_kernel_init(k, shape[1:], dtype) * self.init_scale
       return jax.vmap(one)(keys).astype(dtype)
-    param = lambda name, shape, names: jnp.asarray(self.param(
-        name, nn.with_logical_partitioning(init, names), shape, self.param_dtype), self.dtype)
+    quant = layers.base_quantization(self.peft)
+
+    def param(name, shape, names):
+      if quant is not None:
+        w = layers.quantized_param(self, name, init, shape, quant, lead_axes=names[:1])
+      else:
+        w = self.param(name, nn.with_logical_partitioning(init, names), shape, self.param_dtype)
+      return jnp.asarray(w, self.dtype)
     e, m = self.num_experts, self.mlp_dim
     names_in, names_out = (ax.EXPERT, ax.EMBED, ax.MLP), (ax.EXPERT, ax.MLP, ax.EMBED)
     if self.kind.gated:
@@ -196,7 +205,7 @@ class MoeBlock(nn.Module):
           self.mlp_dim * self.num_shared_experts, self.kind, use_bias=self.use_bias,
           deterministic=self.deterministic, dtype=self.dtype, param_dtype=self.param_dtype,
           init_scale=self.init_scale, gelu_approximate=self.gelu_approximate,
-          name='shared_mlp')(x)
+          peft=self.peft, name='shared_mlp')(x)
     return nn.with_logical_constraint(out.astype(self.dtype), (ax.BATCH, ax.LENGTH, ax.EMBED))
 
   # --- execution ------------------------------------------------------------------------

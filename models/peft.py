@@ -161,51 +161,50 @@ def unmerge_lora(merged: Params, lora: Params, peft: cfg.PeftConfig) -> Dict[str
 
 
 # --- a quantized frozen base (QLoRA) -------------------------------------------------
-def _quantized_parts(node: Mapping[str, Any]) -> Dict[str, Any]:
-  return {k[len('kernel_'):]: v for k, v in node.items()
-          if k.startswith('kernel_') and k != 'kernel_init'}
+_PARTS = ('codes', 'absmax', 'absmax_scale', 'absmax_offset')  # models/quantization.py
 
 
 def quantize_like(base: Params, target: Params, peft_config: cfg.PeftConfig) -> Dict[str, Any]:
-  """`base` (a plain parameter tree) with each kernel the quantized model stores quantized
-  (where `target`, its abstract parameters, holds `kernel_codes`) replaced by its parts;
-  scanned kernels are quantized layer by layer. Other leaves are kept."""
+  """`base` (a plain parameter tree) with each weight the quantized model stores quantized
+  (a leaf `w` where `target`, its abstract parameters, holds `w_codes`: dense kernels, the
+  embedding table, MoE experts) replaced by its parts; stacked weights (scanned layers,
+  experts) are quantized matrix by matrix. Other leaves are kept."""
   from models import quantization  # pylint: disable=g-import-not-at-top
   kind, block = peft_config.quantization.value, peft_config.quantization_block_size
+  t = target if isinstance(target, Mapping) else {}
   out = {}
   for k, v in base.items():
-    t = target.get(k) if isinstance(target, Mapping) else None
-    if isinstance(v, Mapping) and isinstance(t, Mapping) and 'kernel_codes' in t and 'kernel' in v:
-      lead = t['kernel_codes'].ndim - 1  # stacked (scanned) layer axes
-      w = v['kernel']
-      flat = w.reshape((-1,) + w.shape[lead:])
-      parts = jax.vmap(lambda x: quantization.quantize(x, kind, block))(flat)
-      out[k] = {n: x for n, x in v.items() if n != 'kernel'}
+    if isinstance(v, Mapping):
+      out[k] = quantize_like(v, t.get(k), peft_config)
+    elif f'{k}_codes' in t:
+      lead = t[f'{k}_codes'].ndim - 1  # stacked axes (scanned layers, experts)
+      parts = jax.vmap(lambda x: quantization.quantize(x, kind, block))(
+          v.reshape((-1,) + v.shape[lead:]))
       for name, x in parts.items():
-        out[k][f'kernel_{name}'] = x.reshape(w.shape[:lead] + x.shape[1:])
-    elif isinstance(v, Mapping):
-      out[k] = quantize_like(v, t if isinstance(t, Mapping) else {}, peft_config)
+        out[f'{k}_{name}'] = x.reshape(v.shape[:lead] + x.shape[1:])
     else:
       out[k] = v
   return out
 
 
 def dequantize_like(params: Params, plain: Params) -> Dict[str, Any]:
-  """The plain tree (f32 kernels of the shapes in `plain`, abstract) from a quantized one."""
+  """The plain tree (f32 weights of the shapes in `plain`, abstract) from a quantized one."""
   from models import quantization  # pylint: disable=g-import-not-at-top
+  p = plain if isinstance(plain, Mapping) else {}
+  names = {k[:-len('_codes')] for k, v in params.items()
+           if k.endswith('_codes') and not isinstance(v, Mapping) and k[:-len('_codes')] in p}
   out = {}
+  for name in names:
+    shape, lead = p[name].shape, params[f'{name}_codes'].ndim - 1
+    parts = {part: params[f'{name}_{part}'] for part in _PARTS if f'{name}_{part}' in params}
+    parts = {n: x.reshape((-1,) + x.shape[lead:]) for n, x in parts.items()}
+    w = jax.vmap(lambda s, m=shape[lead:]: quantization.dequantize(s, m))(parts)
+    out[name] = w.reshape(shape).astype(p[name].dtype)
+  stored = {f'{n}_{part}' for n in names for part in _PARTS}
   for k, v in params.items():
-    p = plain.get(k) if isinstance(plain, Mapping) else None
-    if isinstance(v, Mapping) and 'kernel_codes' in v and isinstance(p, Mapping):
-      shape = p['kernel'].shape
-      lead = v['kernel_codes'].ndim - 1
-      parts = {n: x.reshape((-1,) + x.shape[lead:]) for n, x in _quantized_parts(v).items()}
-      w = jax.vmap(lambda s: quantization.dequantize(s, shape[lead:]))(parts)
-      out[k] = {n: x for n, x in v.items() if not n.startswith('kernel_')}
-      out[k]['kernel'] = w.reshape(shape).astype(p['kernel'].dtype)
-    elif isinstance(v, Mapping):
-      out[k] = dequantize_like(v, p if isinstance(p, Mapping) else {})
-    else:
+    if isinstance(v, Mapping):
+      out[k] = dequantize_like(v, p.get(k))
+    elif k not in stored:
       out[k] = v
   return out
 

@@ -4,15 +4,15 @@ NF4 (Dettmers et al., 2023): each block of `block_size` consecutive weights (of 
 flattened kernel) is scaled by its absolute maximum and each value replaced by the
 nearest of 16 levels, the quantiles of a standard normal normalised to [-1, 1] with an
 exact zero (`nf4_levels`). Two 4-bit codes share a byte. Double quantization: the
-block maxima (one f32 per block) are themselves stored as int8, centred on their mean
-and scaled per group of 256 blocks, so the overhead is 8/64 + 32/(64 * 256) bits per
+block maxima (one f32 per block) are themselves stored as int8, centred on the middle
+of their range and scaled per group of 256 blocks, so the overhead is 8/64 + 32/(64 * 256) bits per
 weight: about 4.13 bits (0.516 bytes) per weight in all.
 
 int8: symmetric blockwise absmax int8 with an f32 maximum per block (8.5 bits).
 
 The stored parts of a kernel are flat 1-D arrays (a kernel of N weights, padded to a
 whole number of blocks): `codes`, `absmax` and, for NF4, `absmax_scale` and
-`absmax_mean`. `dequantize` restores the kernel's shape in f32.
+`absmax_offset`. `dequantize` restores the kernel's shape in f32.
 """
 
 import math
@@ -56,7 +56,7 @@ def stored_shapes(num_weights: int, kind: str, block_size: int) -> Dict[str, Tup
     padded = blocks * block_size
     return {'codes': ((padded // 2,), 'uint8'), 'absmax': ((blocks,), 'int8'),
             'absmax_scale': ((-(-blocks // DOUBLE_QUANT_GROUP),), 'float32'),
-            'absmax_mean': ((), 'float32')}
+            'absmax_offset': ((), 'float32')}
   return {'codes': ((blocks * block_size,), 'int8'), 'absmax': ((blocks,), 'float32')}
 
 
@@ -76,9 +76,13 @@ def quantize(w: jax.Array, kind: str, block_size: int = 64) -> Dict[str, jax.Arr
   idx = jnp.searchsorted(midpoints, normed, side='left').astype(jnp.uint8)
   idx = jnp.ravel(idx)
   codes = (idx[0::2] << 4) | idx[1::2]  # two 4-bit codes per byte, the first in the high half
-  # Double quantization of the block maxima: int8 around their mean, a scale per group.
-  mean = jnp.mean(absmax)
-  centred = absmax - mean
+  # Double quantization of the block maxima: int8 around the middle of their range, a
+  # scale per group. (The middle, not the mean as in bitsandbytes: max and min are exact in
+  # any order, so the stored parts are the same bits on any mesh or under any compilation,
+  # which the digest of a QLoRA run's frozen base relies on; it also minimises the largest
+  # centred value that sets the scale.)
+  offset = (jnp.max(absmax) + jnp.min(absmax)) / 2
+  centred = absmax - offset
   groups = -(-absmax.shape[0] // DOUBLE_QUANT_GROUP)
   padded = jnp.pad(centred, (0, groups * DOUBLE_QUANT_GROUP - absmax.shape[0]))
   scale = jnp.max(jnp.abs(padded.reshape(groups, DOUBLE_QUANT_GROUP)), axis=1) / 127
@@ -86,7 +90,7 @@ def quantize(w: jax.Array, kind: str, block_size: int = 64) -> Dict[str, jax.Arr
   q = jnp.round(padded.reshape(groups, -1) / safe_scale[:, None])
   q = jnp.clip(q, -127, 127).astype(jnp.int8).reshape(-1)[:absmax.shape[0]]
   return {'codes': codes.astype(jnp.uint8), 'absmax': q, 'absmax_scale': scale,
-          'absmax_mean': mean}
+          'absmax_offset': offset}
 
 
 def block_maxima(stored: Dict[str, jax.Array]) -> jax.Array:
@@ -95,7 +99,7 @@ def block_maxima(stored: Dict[str, jax.Array]) -> jax.Array:
     return stored['absmax'].astype(jnp.float32)
   n = stored['absmax'].shape[-1]
   scale = jnp.repeat(stored['absmax_scale'], DOUBLE_QUANT_GROUP, axis=-1)[..., :n]
-  return stored['absmax'].astype(jnp.float32) * scale + stored['absmax_mean']
+  return stored['absmax'].astype(jnp.float32) * scale + stored['absmax_offset']
 
 
 def dequantize(stored: Dict[str, jax.Array], shape: Tuple[int, ...]) -> jax.Array:
@@ -111,6 +115,26 @@ def dequantize(stored: Dict[str, jax.Array], shape: Tuple[int, ...]) -> jax.Arra
     values = stored['codes'].astype(jnp.float32) / 127
   w = values.reshape(num_blocks, -1) * absmax[:, None]
   return jnp.ravel(w)[:n].reshape(shape)
+
+
+def dequantize_rows(stored: Dict[str, jax.Array], shape: Tuple[int, int], ids: jax.Array,
+                    block: int) -> jax.Array:
+  """`jnp.take(dequantize(stored, shape), ids, axis=0)` [*ids.shape, shape[1]] f32, decoding
+  only the gathered rows when each row is a whole number of blocks (an embedding lookup)."""
+  rows, dim = shape
+  if dim % block:
+    return jnp.take(dequantize(stored, shape), ids, axis=0)
+  absmax = block_maxima(stored)[:rows * dim // block].reshape(rows, dim // block)
+  absmax = jnp.take(absmax, ids, axis=0)[..., None]  # [*ids, blocks per row, 1]
+  if 'absmax_scale' in stored:
+    codes = jnp.take(stored['codes'][:rows * dim // 2].reshape(rows, dim // 2), ids, axis=0)
+    idx = jnp.stack([codes >> 4, codes & 15], axis=-1).astype(jnp.int32)
+    values = jnp.take(jnp.asarray(NF4), idx)
+  else:
+    codes = jnp.take(stored['codes'][:rows * dim].reshape(rows, dim), ids, axis=0)
+    values = codes.astype(jnp.float32) / 127
+  values = values.reshape(ids.shape + (dim // block, block))
+  return (values * absmax).reshape(ids.shape + (dim,))
 
 
 def stored_bytes(stored: Dict[str, jax.Array]) -> int:

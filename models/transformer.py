@@ -98,7 +98,7 @@ class TransformerLayer(nn.Module):
           num_shared_experts=c.num_shared_experts, use_bias=c.use_bias,
           gelu_approximate=c.gelu_approximate,
           deterministic=self.deterministic, dtype=c.compute_dtype, param_dtype=c.params_dtype,
-          init_scale=beta, name='moe')
+          init_scale=beta, peft=c.peft, name='moe')
       mlp = lambda y: moe_block(y, ctx.token_ids)
     else:
       mlp = layers.MlpBlock(c.mlp_dim, c.mlp, use_bias=c.use_bias, dropout_rate=c.dropout_rate,
@@ -234,7 +234,7 @@ class _StackIO(nn.Module):
     if ctx.decode == 'step':  # (the prompt is in the cache since prefill)
       return x, ctx
     prompt = self.param('soft_prompt', nn.with_logical_partitioning(
-        _soft_prompt_init(self.embedder.embedding), (ax.ADAPTER, ax.EMBED)),
+        _soft_prompt_init(self.embedder.table()), (ax.ADAPTER, ax.EMBED)),
         (n, c.emb_dim), c.params_dtype)
     prompt = jnp.broadcast_to(jnp.asarray(prompt, x.dtype)[None], (x.shape[0], n, c.emb_dim))
     return jnp.concatenate([prompt, x], axis=1), ctx
@@ -362,8 +362,11 @@ def _context(tokens: Array, positions: Optional[Array], segment_ids: Optional[Ar
 
 
 def _embedder(c: cfg.DecoderConfig) -> layers.Embed:
+  quant = layers.base_quantization(c.peft)
   return layers.Embed(c.vocab_size, c.emb_dim, dtype=c.compute_dtype,
-                      param_dtype=c.params_dtype, name='token_embedder')
+                      param_dtype=c.params_dtype,
+                      quantization=quant if quant and c.peft.quantize_embeddings else None,
+                      name='token_embedder')
 
 
 class DecoderOnly(nn.Module):

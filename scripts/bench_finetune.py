@@ -4,8 +4,8 @@
                                      [--steps=3] [--rank=8] [--no-append]
 
 Each method trains in its own process (so each peak is its own) with AdamW on the same
-random batches: `full` (every parameter), `lora` (rank `--rank` on every dense layer but
-the output layer, the base frozen) and `qlora` (the same over an NF4 base). Reported per
+random batches: `full` (every parameter), `lora` (rank `--rank` on every dense layer, the
+output layer too, the base frozen) and `qlora` (the same over an NF4 base). Reported per
 method: trained parameters, optimizer-state bytes, XLA's compiled step memory (arguments
 + outputs + temporaries - donated), the process's peak RSS, the median step time and
 tokens/s; and each method's peak as a share of full fine-tuning's. Appends the table to
@@ -132,8 +132,8 @@ def main():
     cmd = 'python scripts/bench_finetune.py ' + ' '.join(sys.argv[1:])
     bench_train.append_section(
         'bench_finetune', f'Command: `{cmd.strip()}` (jax {jax.__version__}; f32, AdamW, batch '
-        f'{args.batch} x {args.length}, LoRA rank {args.rank} on every dense layer but the '
-        f'output layer; one process per method)\n\n' + table)
+        f'{args.batch} x {args.length}, LoRA rank {args.rank} on every dense layer (the '
+        f'output layer too); one process per method)\n\n' + table)
 
 
 if __name__ == '__main__':

@@ -34,7 +34,7 @@ def _trainer(model, batches, mesh=(1, 1, 1), optimizer=None, **kwargs):
 
 
 def _bits(tree):
-  return {k: np.asarray(v).view(np.uint8).copy() for k, v in peft.flat(jax.device_get(tree)).items()}
+  return {k: np.asarray(v).reshape(-1).view(np.uint8).copy() for k, v in peft.flat(jax.device_get(tree)).items()}
 
 
 @pytest.mark.parametrize('method,overrides,extra', [
