@@ -71,11 +71,15 @@ def child(args) -> dict:
     times.append(time.perf_counter() - t)
   nbytes = lambda tree: int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
   frozen = trainer.frozen(state.params)
-  return {'method': args.child, 'params': trainer.num_params,
+  # The base model's parameter count (a quantized base stores fewer, smaller elements).
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  base = model.without_peft()
+  base_params = sum(x.size for x in jax.tree.leaves(nn.unbox(jax.eval_shape(
+      lambda: base.init_variables(jax.random.PRNGKey(0), batches[0])['params']))))
+  return {'method': args.child, 'params': base_params + trainer.num_trainable_params * (
+              args.child != 'full'),
           'trainable': trainer.num_trainable_params, 'param_bytes': nbytes(state.params),
-          'frozen_bytes': nbytes(frozen),
-          'base_params': trainer.num_params - trainer.num_trainable_params if args.child != 'full'
-                         else trainer.num_params,
+          'frozen_bytes': nbytes(frozen), 'base_params': base_params,
           'opt_bytes': nbytes(state.opt_state), 'step_bytes': step_bytes,
           'rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
           'step_s': float(np.median(times)), 'tokens': args.batch * args.length,

@@ -66,7 +66,7 @@ def initial_checkpoint(path, upcycle_flag: bool, model, lengths
 
 def _quantized_base(path: str, model: model_lib.BaseModel, lengths
                     ) -> checkpoints.InitialCheckpoint:
-  """QLoRA: the base run's f32 kernels, quantized as they are restored."""
+  """QLoRA: the base run's f32 weight matrices, quantized as they are restored."""
   base = model.without_peft()
   dummy = base.dummy_batch(1, lengths)
   saved_abstract = jax.eval_shape(lambda: nn.unbox(base.init_variables(
@@ -83,7 +83,7 @@ def _quantized_base(path: str, model: model_lib.BaseModel, lengths
     return fn(restored, params)
 
   return checkpoints.ConvertedCheckpoint(
-      path, saved_abstract, convert, f'its dense kernels quantized to '
+      path, saved_abstract, convert, f'its weight matrices quantized to '
       f'{config.quantization.value}; the {config.method.value} parameters fresh')
 
 

@@ -193,7 +193,7 @@ def test_qlora_run_quantizes_its_base(tmp_path, capsys):
   train_lib.run(FILES, _bindings(base_dir, 2))
   result = train_lib.run(FILES + ['peft/qlora.gin'], _bindings(
       qlora_dir, 6, f"train_lib.train.initial_checkpoint = '{base_dir}'", 'LEARNING_RATE = 1e-2'))
-  assert 'dense kernels quantized to nf4' in capsys.readouterr().out
+  assert 'weight matrices quantized to nf4' in capsys.readouterr().out
   assert result['step'] == 6 and np.isfinite(result['train_loss'])
   base = checkpoints.restore_params(*checkpoints.resolve(base_dir))
   model = gin_utils.model_from_gin(['models/llama/tiny.gin', 'peft/qlora.gin'])
