@@ -138,3 +138,62 @@ def train_flops_per_example(c: cfg.DecoderConfig, inputs_length: int, targets_le
     return 3 * (enc + dec)
   length = inputs_length + targets_length
   return 3 * length * _forward_flops_per_token(c, length, layers=c.num_layers)
+
+
+# --- accounting for sweeps, scaling laws and MFU ---------------------------------------
+def embedding_param_count(c: cfg.DecoderConfig) -> int:
+  """The token embedding, an untied output layer and learned positions (Kaplan et al.
+  leave these out of N)."""
+  n = c.vocab_size * c.emb_dim * (1 if c.tie_embeddings else 2)
+  if c.position_encoding == cfg.PositionEncoding.LEARNED:
+    stacks = 2 if isinstance(c, cfg.EncoderDecoderConfig) else 1
+    n += stacks * c.max_length * c.emb_dim
+  return n
+
+
+def _experts_used(c: cfg.DecoderConfig) -> float:
+  if c.router == cfg.RouterKind.EXPERT_CHOICE:
+    return c.num_experts_per_token * c.capacity_factor
+  return 1 if c.router == cfg.RouterKind.HASH else c.num_experts_per_token
+
+
+def active_param_count(c: cfg.DecoderConfig) -> int:
+  """Parameters one token uses: all but the experts it is not routed to (a dense model:
+  all of them)."""
+  n = analytic_param_count(c)
+  if not c.num_experts:
+    return n
+  branches = 2 if c.mlp.gated else 1
+  expert = (branches + 1) * c.emb_dim * _moe_mlp_dim(c)
+  stacks = [c.num_layers] + ([c.num_encoder_layers] if isinstance(
+      c, cfg.EncoderDecoderConfig) else [])
+  moe_layers = sum(c.is_moe_layer(i) for layers in stacks for i in range(layers))
+  unused = max(c.num_experts - _experts_used(c), 0)
+  return int(round(n - moe_layers * unused * expert))
+
+
+def attention_flops_per_token(c: cfg.DecoderConfig, length: int) -> int:
+  """Training FLOPs of the attention scores and their weighted sum (QK^T and AV) per token
+  of a decoder-only model over `length` tokens: 3 * 2 * 2 * layers * length * heads *
+  head_dim (PaLM's 12 L H Q T, counted over the whole sequence as PaLM's MFU does)."""
+  return 12 * c.num_layers * length * c.num_heads * c.head_dim
+
+
+def accounting(c: cfg.DecoderConfig, inputs_length: int, targets_length: int) -> dict:
+  """A model's parameters and training FLOPs per token, for sweeps and scaling laws.
+
+  `flops_per_token` is the exact matmul count (every projection, the output layer and
+  attention's QK^T and AV, forward and backward; `train_flops_per_example` divided by the
+  example's tokens). `flops_per_token_6n` is the usual approximation 6 N with N the active
+  non-embedding parameters (Kaplan et al.); for a decoder-only model the two differ by the
+  attention term `attention_flops_per_token`, the output layer (6 d V) and the parameters
+  that are no matmul (norms, biases).
+  """
+  total = analytic_param_count(c)
+  embedding = embedding_param_count(c)
+  active = active_param_count(c)
+  tokens = inputs_length + targets_length
+  exact = train_flops_per_example(c, inputs_length, targets_length) / tokens
+  return dict(params=total, embedding_params=embedding, non_embedding_params=total - embedding,
+              active_params=active, active_non_embedding_params=active - embedding,
+              flops_per_token=exact, flops_per_token_6n=6 * (active - embedding))

@@ -1,10 +1,16 @@
-"""Prints every shipped model config's parameter count beside the analytic formula.
+"""Parameters and training FLOPs of gin models: every shipped config, or the one you give.
 
-    python scripts/param_count.py
+    python scripts/param_count.py                      # every shipped model: built vs analytic
+    python scripts/param_count.py --gin_file=models/llama/300m.gin [--gin.num_layers=12 ...] \
+        [--length=1024] [--tokens=6e9]
 
-Each model is built abstractly (`jax.eval_shape`), so 7B-class configs cost no memory.
+For one model: parameters (total, embedding, non-embedding, active per token for MoE),
+training FLOPs per token (exact: every matmul and attention's QK^T and AV; and the 6N
+approximation), and the compute of training on `--tokens` tokens. Each model is built
+abstractly (`jax.eval_shape`), so 7B-class configs cost no memory.
 """
 
+import argparse
 import os
 import sys
 
@@ -25,7 +31,7 @@ def count(model) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract)))
 
 
-def main():
+def all_shipped():
   print(f'{"config":<28} {"built":>16} {"analytic":>16}')
   for path in gin_utils.shipped_files('models'):
     model = gin_utils.model_from_gin([path])
@@ -33,6 +39,43 @@ def main():
     analytic = param_count.analytic_param_count(model.config)
     mark = '' if built == analytic else '  MISMATCH'
     print(f'{os.path.relpath(path, gin_utils.GIN_DIR):<28} {built:>16,} {analytic:>16,}{mark}')
+
+
+def one(files, bindings, length: int, inputs_length: int, tokens: float) -> dict:
+  model = gin_utils.model_from_gin(files, bindings)
+  acc = param_count.accounting(model.config, inputs_length, length)
+  rows = [('parameters', f'{acc["params"]:,}'),
+          ('  embedding (token, output, positions)', f'{acc["embedding_params"]:,}'),
+          ('  non-embedding', f'{acc["non_embedding_params"]:,}'),
+          ('  active per token (MoE)', f'{acc["active_params"]:,}'),
+          (f'training FLOPs per token, exact (length {inputs_length + length})',
+           f'{acc["flops_per_token"]:.4g}'),
+          ('training FLOPs per token, 6N (N active non-embedding)',
+           f'{acc["flops_per_token_6n"]:.4g}'),
+          (f'compute for {tokens:.3g} tokens, exact', f'{acc["flops_per_token"] * tokens:.4g}'),
+          (f'compute for {tokens:.3g} tokens, 6N', f'{acc["flops_per_token_6n"] * tokens:.4g}')]
+  print('| quantity | value |\n|---|---|')
+  for name, value in rows:
+    print(f'| {name} | {value} |')
+  return acc
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--gin_file', action='append', default=[])
+  p.add_argument('--length', type=int, default=1024, help='target (decoder) length')
+  p.add_argument('--inputs_length', type=int, default=0, help='encoder length (enc-dec)')
+  p.add_argument('--tokens', type=float, default=20 * 1e9, help='training tokens')
+  args, rest = p.parse_known_args(argv)
+  unknown = [r for r in rest if not r.startswith('--gin.')]
+  if unknown:
+    p.error(f'unknown argument {unknown[0]!r}: use --gin.KEY=VALUE for a gin binding')
+  bindings = gin_utils.split_argv(rest)
+  if not args.gin_file:
+    if bindings:
+      p.error('--gin.KEY=VALUE needs a --gin_file')
+    return all_shipped()
+  return one(args.gin_file, bindings, args.length, args.inputs_length, args.tokens)
 
 
 if __name__ == '__main__':
