@@ -10,7 +10,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['t5x_like*', 'models*', 'partitioning*',
                                                'pallas_kernels*']),
     py_modules=['train', 'infer', 'eval'],
-    package_data={'': ['*.gin']},
+    package_data={'': ['*.gin', '*.json', '*.csv']},
     include_package_data=True,
     # Bounds: the lower bound of each is the version the test suite ran on.
     install_requires=[
@@ -29,8 +29,10 @@ setuptools.setup(
         'safetensors>=0.8.0,<1',  # Hugging Face weights (t5x_like/hf.py)
         'tokenizers>=0.23.3,<1',  # Hugging Face tokenizer.json vocabularies
         'numpy>=2.0,<3',
+        'scipy>=1.10,<2',  # scaling-law fits (t5x_like/scaling.py)
+        'matplotlib>=3.8,<4',  # sweep reports' plots (t5x_like/sweep.py)
     ],
     extras_require={
-        'test': ['pytest>=8,<10', 'pytest-xdist>=3.8,<4', 'scipy>=1.10'],
+        'test': ['pytest>=8,<10', 'pytest-xdist>=3.8,<4'],
     },
 )

@@ -264,7 +264,7 @@ class StepRecords(Hook):
 class ProgressLog(Hook):
   """Every `every` steps and at the last: the step's metrics on the console,
   in metrics.jsonl and TensorBoard, with tokens/s, MFU and ETA over the
-  steps since the previous line.
+  steps since the previous line, and the tokens and model FLOPs trained on so far.
 
   Args:
     writer: where records go.
@@ -296,7 +296,8 @@ class ProgressLog(Hook):
     elapsed = time.perf_counter() - self._window_start
     steps_per_s = (info.step - self._window_step) / max(elapsed, 1e-9)
     values.update(tokens_per_second=self.tokens_per_step * steps_per_s,
-                  mfu=self.flops_per_step * steps_per_s / self.peak_flops)
+                  mfu=self.flops_per_step * steps_per_s / self.peak_flops,
+                  tokens=self.tokens_per_step * info.step, flops=self.flops_per_step * info.step)
     self.writer.write('train', info.step, values)
     eta = (info.train_steps - info.step) / max(steps_per_s, 1e-9)
     chief_print(f'train step {info.step:>6}/{info.train_steps}'
