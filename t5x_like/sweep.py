@@ -212,7 +212,6 @@ def create(gin_files: Sequence[str], spec_path: str, root: str,
   files = [os.path.abspath(gin_utils.find_gin_file(f)) for f in gin_files]
   if not files:
     raise SweepError('no --gin_file given: e.g. --gin_file=runs/pretrain_default.gin')
-  check_bindings(files, common, trials)
   width = max(3, len(str(len(trials) - 1)))
   sweep = Sweep(root, files, list(common),
                 [{'id': f't{i:0{width}d}', 'bindings': t} for i, t in enumerate(trials)])
@@ -222,7 +221,8 @@ def create(gin_files: Sequence[str], spec_path: str, root: str,
                                                    json.loads(json.dumps(sweep.trials))):
       raise SweepError(f'{root} holds another sweep (its sweep.json differs from this one): '
                        'use another --root, or rerun the command that started it')
-    return old
+    return old  # (checked when it was created)
+  check_bindings(files, common, trials)
   if os.path.isdir(root) and os.listdir(root):
     raise SweepError(f'{root} is not empty and holds no sweep: give a new or empty --root')
   sweep.save()
@@ -551,7 +551,9 @@ def plot(sweep: Sweep) -> List[str]:
       ax.set_title(f'{label} vs {axis} ({os.path.basename(os.path.normpath(sweep.root))})')
       ax.grid(alpha=0.3)
       if ax.lines:
-        ax.legend(fontsize=7, loc='upper right')
+        legend = ax.legend(fontsize=7, loc='upper right')
+        for line in legend.get_lines():  # every trial's colour shows, even under another curve
+          line.set_linewidth(3)
       path = os.path.join(out_dir, f'{kind}_loss_vs_{axis}.png')
       fig.tight_layout()
       fig.savefig(path)

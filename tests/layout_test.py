@@ -109,8 +109,13 @@ def test_imports_flow_one_way():
 
 
 def _entry_points():
-  """Non-test roots: the entry shims, scripts, and modules gin files import."""
+  """Non-test roots: the entry shims, scripts, modules run with `python -m` (they have a
+  `__main__` block), and modules gin files import."""
   roots = set()
+  for mod in MODULES:
+    path = os.path.join(ROOT, *mod.split('.')) + '.py'
+    if os.path.exists(path) and "if __name__ == '__main__':" in open(path).read():
+      roots.add(mod)
   for shim in ('train', 'infer', 'eval'):
     roots |= _imports(os.path.join(ROOT, f'{shim}.py'), shim)
   for f in sorted(os.listdir(os.path.join(ROOT, 'scripts'))):

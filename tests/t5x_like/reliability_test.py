@@ -175,6 +175,7 @@ def _all_finite(model_dir):
       assert np.all(np.isfinite(np.asarray(leaf))), step
 
 
+@pytest.mark.rotate(2)
 @pytest.mark.parametrize('spike', [False, True], ids=['stop', 'rollbacks'])
 def test_overflowing_learning_rate_is_never_committed(tmp_path, spike):
   """1e39 is finite in Python and infinite in float32: the loss of step 1 is
