@@ -50,9 +50,8 @@ def quantized_parts(module: nn.Module, name: str, init: Initializer, shape: Tupl
   lead_shape, matrix = tuple(shape[:lead]), tuple(shape[lead:])
   stored = None
   if module.is_initializing():
-    w = init(module.make_rng('params'), tuple(shape), jnp.float32).reshape((-1,) + matrix)
-    stored = jax.vmap(lambda m: quantization.quantize(m, kind, block))(w)
-    stored = {k: v.reshape(lead_shape + v.shape[1:]) for k, v in stored.items()}
+    stored = quantization.quantize_stacked(
+        init(module.make_rng('params'), tuple(shape), jnp.float32), lead, kind, block)
   parts = {}
   for part, (part_shape, dtype) in quantization.stored_shapes(math.prod(matrix), kind,
                                                               block).items():
@@ -69,10 +68,7 @@ def quantized_param(module: nn.Module, name: str, init: Initializer, shape: Tupl
                     quant: Tuple[str, int], lead_axes: Tuple[str, ...] = ()) -> Array:
   """The f32 weight of `shape` dequantized on the fly from `quantized_parts`."""
   parts = quantized_parts(module, name, init, shape, quant, lead_axes)
-  lead = len(lead_axes)
-  flat = {k: v.reshape((-1,) + v.shape[lead:]) for k, v in parts.items()}
-  w = jax.vmap(lambda p: quantization.dequantize(p, tuple(shape[lead:])))(flat)
-  return w.reshape(shape)
+  return quantization.dequantize_stacked(parts, tuple(shape), len(lead_axes))
 
 
 def dequantized_dot(parts: dict, shape: Tuple[int, ...], x: Array, dimension_numbers,
@@ -133,7 +129,7 @@ class DenseGeneral(nn.Module):
       flat = self.kernel_init(key, (fan_in, math.prod(shape[len(in_shape):])), dtype)
       return (flat * self.init_scale).reshape(shape).astype(dtype)
 
-    quant = base_quantization(self.peft) if self._quantized() else None
+    quant = self._quantization()
     if quant is not None:
       parts = quantized_parts(self, 'kernel', init, kernel_shape, quant)
     else:
@@ -164,10 +160,10 @@ class DenseGeneral(nn.Module):
                           self.dtype)
     return y
 
-  def _quantized(self) -> bool:
-    """Whether this layer's kernel is a quantized frozen base."""
+  def _quantization(self) -> Optional[Tuple[str, int]]:
+    """(kind, block size) when this layer's kernel is a quantized frozen base, else None."""
     q = base_quantization(self.peft)
-    return q is not None and (self.peft.quantize_embeddings or self.name not in UNQUANTIZED)
+    return q if q and (self.peft.quantize_embeddings or self.name not in UNQUANTIZED) else None
 
   def _peft_method(self) -> Optional[cfg.PeftMethod]:
     """LoRA or IA3 when this layer's path matches the PEFT targets, else None."""

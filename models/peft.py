@@ -16,7 +16,6 @@ import difflib
 import re
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
@@ -178,10 +177,8 @@ def quantize_like(base: Params, target: Params, peft_config: cfg.PeftConfig) -> 
       out[k] = quantize_like(v, t.get(k), peft_config)
     elif f'{k}_codes' in t:
       lead = t[f'{k}_codes'].ndim - 1  # stacked axes (scanned layers, experts)
-      parts = jax.vmap(lambda x: quantization.quantize(x, kind, block))(
-          v.reshape((-1,) + v.shape[lead:]))
-      for name, x in parts.items():
-        out[f'{k}_{name}'] = x.reshape(v.shape[:lead] + x.shape[1:])
+      for name, x in quantization.quantize_stacked(v, lead, kind, block).items():
+        out[f'{k}_{name}'] = x
     else:
       out[k] = v
   return out
@@ -197,9 +194,7 @@ def dequantize_like(params: Params, plain: Params) -> Dict[str, Any]:
   for name in names:
     shape, lead = p[name].shape, params[f'{name}_codes'].ndim - 1
     parts = {part: params[f'{name}_{part}'] for part in _PARTS if f'{name}_{part}' in params}
-    parts = {n: x.reshape((-1,) + x.shape[lead:]) for n, x in parts.items()}
-    w = jax.vmap(lambda s, m=shape[lead:]: quantization.dequantize(s, m))(parts)
-    out[name] = w.reshape(shape).astype(p[name].dtype)
+    out[name] = quantization.dequantize_stacked(parts, shape, lead).astype(p[name].dtype)
   stored = {f'{n}_{part}' for n in names for part in _PARTS}
   for k, v in params.items():
     if isinstance(v, Mapping):

@@ -137,5 +137,22 @@ def dequantize_rows(stored: Dict[str, jax.Array], shape: Tuple[int, int], ids: j
   return (values * absmax).reshape(ids.shape + (dim,))
 
 
+def quantize_stacked(w: jax.Array, lead: int, kind: str, block_size: int
+                     ) -> Dict[str, jax.Array]:
+  """`quantize` of each matrix of `w` whose first `lead` dims stack matrices (scanned
+  layers, experts): parts of shape w.shape[:lead] + the one matrix's part shape."""
+  parts = jax.vmap(lambda m: quantize(m, kind, block_size))(
+      w.reshape((-1,) + w.shape[lead:]))
+  return {k: v.reshape(w.shape[:lead] + v.shape[1:]) for k, v in parts.items()}
+
+
+def dequantize_stacked(stored: Dict[str, jax.Array], shape: Tuple[int, ...],
+                       lead: int) -> jax.Array:
+  """Inverse of `quantize_stacked`: the f32 array of `shape`."""
+  flat = {k: v.reshape((-1,) + v.shape[lead:]) for k, v in stored.items()}
+  w = jax.vmap(lambda p: dequantize(p, tuple(shape[lead:])))(flat)
+  return w.reshape(shape)
+
+
 def stored_bytes(stored: Dict[str, jax.Array]) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(stored)))
