@@ -11,9 +11,7 @@ peak RSS. Appends a row to docs/benchmarks.md with the machine, date and command
 """
 
 import argparse
-import datetime
 import os
-import platform
 import resource
 import sys
 import time
@@ -33,25 +31,7 @@ from t5x_like import trainer as trainer_lib  # pylint: disable=wrong-import-posi
 from t5x_like import utils  # pylint: disable=wrong-import-position
 from t5x_like.data import pipeline  # pylint: disable=wrong-import-position
 
-
-def append_section(script: str, body: str) -> str:
-  """Appends `## <script>: <date> on <machine>` and `body` to docs/benchmarks.md
-  (created with its header if missing); returns the file's path."""
-  path = os.path.join(ROOT, 'docs', 'benchmarks.md')
-  new = not os.path.exists(path)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, 'a') as f:
-    if new:
-      f.write('# Benchmarks\n\nAppended by `scripts/bench_*.py`; newest last.\n')
-    f.write(f'\n## {script}: {datetime.date.today()} on {machine()}\n\n{body}')
-  return path
-
-
-def machine() -> str:
-  dev = jax.devices()[0]
-  if dev.platform == 'cpu':
-    return f'{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores'
-  return f'{dev.device_kind} x{jax.device_count()}'
+from bench_record import append_section  # pylint: disable=wrong-import-position
 
 
 def main():

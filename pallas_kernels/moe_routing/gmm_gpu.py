@@ -93,8 +93,10 @@ def _gmm_kernel(offsets_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref, *, tm: i
         return part + tiles.dot(a, rhs_ref[g, :, ks], tiles.NT)  # rhs tile [tn, tk]
       return part + tiles.dot(a, rhs_ref[g, ks, :], tiles.NN)  # rhs tile [tk, tn]
 
-    part = lax.fori_loop(0, jnp.where(end > start, nk, 0), k_step,
-                         jnp.zeros((tm, tn), jnp.float32))
+    # Both bounds int32 and not weakly typed: Triton's scf.for takes one type for
+    # its bounds and step (a Python 0 beside a traced bound fails to lower there).
+    steps = jnp.where(end > start, jnp.int32(nk), jnp.int32(0))
+    part = lax.fori_loop(jnp.int32(0), steps, k_step, jnp.zeros((tm, tn), jnp.float32))
     # Rows are independent in a @ b: keeping this group's rows of the whole
     # tile's product is exact, and cheaper than masking every lhs tile.
     return jnp.where((rows >= start) & (rows < end), part, acc)
