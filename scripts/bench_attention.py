@@ -392,7 +392,7 @@ def main(argv=None):
 
   if args.append:
     sys.path.insert(0, os.path.join(ROOT, 'scripts'))
-    import bench_record  # pylint: disable=g-import-not-at-top
+    import record_benchmark  # pylint: disable=g-import-not-at-top
     cmd = shlex.join(['python', 'scripts/bench_attention.py'] +
                      list(sys.argv[1:] if argv is None else argv))
     title = ''
@@ -419,7 +419,7 @@ def main(argv=None):
             ''.join('| ' + ' | '.join(row) + ' |\n' for row in rows) +
             ''.join(f'\n{line}\n' if not line.startswith('- ') else f'{line}\n'
                     for line in notes + accept))
-    path = bench_record.append_section('bench_attention', body)
+    path = record_benchmark.append_section('bench_attention', body)
     print(f'appended to {path}')
   return 0
 

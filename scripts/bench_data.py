@@ -295,7 +295,7 @@ def main():
   import seqio  # pylint: disable=g-import-not-at-top
   from t5x_like import gin_utils  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.join(ROOT, 'scripts'))
-  import bench_record  # pylint: disable=g-import-not-at-top
+  import record_benchmark  # pylint: disable=g-import-not-at-top
 
   t5_result = {'error': 'skipped (--only=ours)'}
   if args.only != 'ours':
@@ -333,7 +333,7 @@ def main():
     if 'version' in t5_result:
       versions += f', t5 {t5_result["version"]}'
     cmd = 'python scripts/bench_data.py ' + ' '.join(sys.argv[1:])
-    path = bench_record.append_section(
+    path = record_benchmark.append_section(
         'bench_data',
         f'Command: `{cmd.strip()}` ({versions}). Each row is pinned to one core with one '
         f'tf.data thread; batch {args.batch}, {args.warmup} warm-up batches, '

@@ -132,9 +132,9 @@ def main():
   if not args.no_append:
     import jax  # pylint: disable=g-import-not-at-top
     sys.path.insert(0, os.path.join(ROOT, 'scripts'))
-    import bench_record  # pylint: disable=g-import-not-at-top
+    import record_benchmark  # pylint: disable=g-import-not-at-top
     cmd = 'python scripts/bench_finetune.py ' + ' '.join(sys.argv[1:])
-    bench_record.append_section(
+    record_benchmark.append_section(
         'bench_finetune', f'Command: `{cmd.strip()}` (jax {jax.__version__}; f32, AdamW, batch '
         f'{args.batch} x {args.length}, LoRA rank {args.rank} on every dense layer (the '
         f'output layer too); one process per method)\n\n' + table)

@@ -314,8 +314,8 @@ def run_layers(args):
 
 def _append(body: str) -> str:
   sys.path.insert(0, os.path.join(ROOT, 'scripts'))
-  import bench_record  # pylint: disable=g-import-not-at-top
-  return bench_record.append_section('bench_moe', body)
+  import record_benchmark  # pylint: disable=g-import-not-at-top
+  return record_benchmark.append_section('bench_moe', body)
 
 
 # --- training comparison ---------------------------------------------------------------------

@@ -31,7 +31,7 @@ from t5x_like import trainer as trainer_lib  # pylint: disable=wrong-import-posi
 from t5x_like import utils  # pylint: disable=wrong-import-position
 from t5x_like.data import pipeline  # pylint: disable=wrong-import-position
 
-from bench_record import append_section  # pylint: disable=wrong-import-position
+from record_benchmark import append_section  # pylint: disable=wrong-import-position
 
 
 def main():

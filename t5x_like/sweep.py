@@ -441,6 +441,10 @@ def _records(tdir: str) -> List[Dict[str, Any]]:
   return out
 
 
+# From the trainer's 'model' record (models/param_count.accounting): what scaling fits need.
+MODEL_COLUMNS = ('params', 'non_embedding_params', 'active_params', 'flops_per_token')
+
+
 def trial_curves(sweep: Sweep, index: int) -> Dict[str, Any]:
   """A trial's training loss per step and validation loss per evaluation (a resumed step's
   last record wins), tokens and FLOPs per step, and its status."""
@@ -448,6 +452,7 @@ def trial_curves(sweep: Sweep, index: int) -> Dict[str, Any]:
   train = {r['step']: r['loss'] for r in recs if r.get('kind') == 'step' and 'loss' in r}
   evals = {r['step']: r['loss'] for r in recs if r.get('kind') == 'eval' and 'loss' in r}
   logs = [r for r in recs if r.get('kind') == 'train' and r.get('step')]
+  models = [r for r in recs if r.get('kind') == 'model']
   per_step = {}
   if logs:
     per_step = {'tokens': logs[-1].get('tokens', 0) / logs[-1]['step'],
@@ -458,8 +463,9 @@ def trial_curves(sweep: Sweep, index: int) -> Dict[str, Any]:
   times = [r['time'] for r in recs if 'time' in r]
   wall = done['wall_s'] if done else (max(times) - min(times) if times else 0.0)
   speeds = [r['tokens_per_second'] for r in logs if 'tokens_per_second' in r]
+  model = {k: models[-1][k] for k in MODEL_COLUMNS if k in models[-1]} if models else {}
   return dict(train=dict(sorted(train.items())), eval=dict(sorted(evals.items())),
-              per_step=per_step, status=status, wall_s=wall,
+              per_step=per_step, model=model, status=status, wall_s=wall,
               tokens_per_second=float(sorted(speeds)[len(speeds) // 2]) if speeds else None)
 
 
@@ -472,7 +478,7 @@ def summary_rows(sweep: Sweep) -> List[Dict[str, Any]]:
     row = {'trial': trial['id'], **trial['bindings'], 'status': c['status'], 'step': step,
            'train_loss': c['train'].get(step), 'final_val_loss': evals[-1] if evals else None,
            'best_val_loss': min(evals) if evals else None,
-           'tokens': step * c['per_step'].get('tokens', 0),
+           **c['model'], 'tokens': step * c['per_step'].get('tokens', 0),
            'flops': step * c['per_step'].get('flops', 0), 'wall_s': c['wall_s'],
            'tokens_per_s': c['tokens_per_second']}
     rows.append(row)

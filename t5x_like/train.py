@@ -235,6 +235,10 @@ def train(*,
   ckpt = checkpoints.Checkpointer(model_dir, keep=keep_checkpoints, keep_period=keep_period,
                                   async_save=async_checkpointing, view=view)
   writer = loop.MetricsWriter(model_dir, is_chief, tensorboard)
+  # What the sweep report and scaling fits read: parameters (total, non-embedding, active)
+  # and the exact training FLOPs per token (models/param_count.py).
+  writer.write('model', start_step, param_count.accounting(
+      model.config, lengths.get('inputs', 0), lengths['targets']))
   try:
     if start_state is not None:
       state = start_state
