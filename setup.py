@@ -33,6 +33,8 @@ setuptools.setup(
         'matplotlib>=3.8,<4',  # sweep reports' plots (t5x_like/sweep.py)
     ],
     extras_require={
-        'test': ['pytest>=8,<10', 'pytest-xdist>=3.8,<4'],
+        'test': ['pytest>=8,<10', 'pytest-xdist>=3.8,<4',
+                 # tests/notebooks: the notebooks executed in a Jupyter kernel
+                 'nbclient>=0.10,<0.12', 'nbformat>=5.10,<6', 'ipykernel>=6.29,<8'],
     },
 )

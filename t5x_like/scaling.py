@@ -238,3 +238,133 @@ def fit_isoflop(n, loss, budgets, *, flops_per_param_token: float = 6.0) -> IsoF
   a, log_coef = np.polyfit(np.log(levels), np.log(n_opt), 1)
   return IsoFlopFit(levels, n_opt, np.asarray(loss_opt), np.asarray(parabolas), float(a),
                     float(1 - a), float(np.exp(log_coef)), flops_per_param_token)
+
+
+def group_budgets(flops, rel_tol: float = 0.05) -> np.ndarray:
+  """Each run's nominal compute budget: runs whose FLOPs lie within `rel_tol` of their
+  neighbours' (sorted) share one budget, the group's geometric mean. An IsoFLOP sweep's
+  trials spend their budget only to the nearest whole step, so their FLOPs differ slightly."""
+  f = np.asarray(flops, np.float64).reshape(-1)
+  if not np.all(np.isfinite(f)) or np.any(f <= 0):
+    raise FitError(f'every run needs a FLOP count > 0, got {f[~(f > 0)][:3]}: drop the runs '
+                   'that did not train')
+  order = np.argsort(f)
+  groups, current = [], [order[0]] if f.size else []
+  for i in order[1:]:
+    if f[i] <= f[current[-1]] * (1 + rel_tol):
+      current.append(i)
+    else:
+      groups.append(current)
+      current = [i]
+  if current:
+    groups.append(current)
+  out = np.empty_like(f)
+  for g in groups:
+    out[g] = np.exp(np.mean(np.log(f[g])))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Runs:
+  """Finished runs as a fit takes them: N parameters, D tokens, final loss, FLOPs."""
+  names: Tuple[str, ...]
+  n: np.ndarray
+  d: np.ndarray
+  loss: np.ndarray
+  flops: np.ndarray
+
+  @property
+  def budgets(self) -> np.ndarray:
+    return group_budgets(self.flops)
+
+  @property
+  def flops_per_param_token(self) -> float:
+    """k in C = k N D for these runs (6 for Kaplan's count; the exact count's median here)."""
+    return float(np.median(self.flops / (self.n * self.d)))
+
+
+def sweep_runs(root: str, loss: str = 'final_val_loss', params: str = 'params') -> Runs:
+  """The finished trials of a sweep (`python -m t5x_like.sweep`): N from the trainer's
+  'model' record (`params`, or e.g. `non_embedding_params`), D its training tokens, its
+  final validation loss and its exact training FLOPs."""
+  from t5x_like import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  rows = [r for r in sweep_lib.summary_rows(sweep_lib.Sweep.load(root))
+          if r['status'] == 'done']
+  if not rows:
+    raise FitError(f'{root} has no finished trials yet: wait for the sweep (python -m '
+                   't5x_like.sweep report {root} shows its progress)')
+  missing = [r['trial'] for r in rows if r.get(params) is None or r.get(loss) is None]
+  if missing:
+    raise FitError(f'trials {", ".join(missing[:3])} of {root} have no {params!r} or {loss!r}'
+                   ' (trained before the trainer recorded them, or without an evaluation): '
+                   'rerun them')
+  col = lambda k: np.array([float(r[k]) for r in rows])  # pylint: disable=unnecessary-lambda-assignment
+  return Runs(tuple(r['trial'] for r in rows), col(params), col('tokens'), col(loss),
+              col('flops'))
+
+
+def plot_fits(runs: Runs, fit: LawFit, iso: Optional[IsoFlopFit], out_dir: str,
+              extrapolate: float = 100.0) -> list:
+  """PNG figures of a fit: `isoflop.png` (loss against N per budget: the runs, approach 2's
+  parabolas and approach 3's law along the same budget), `optimum.png` (N_opt against C for
+  both approaches, extrapolated `extrapolate` x past the largest budget) and `law.png`
+  (the law's loss against each run's). Returns the paths."""
+  import os  # pylint: disable=g-import-not-at-top
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  os.makedirs(out_dir, exist_ok=True)
+  k = runs.flops_per_param_token
+  budgets = runs.budgets
+  levels = np.unique(budgets)
+  colours = plt.cm.viridis(np.linspace(0, 0.9, levels.size))
+  paths = []
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for c, colour in zip(levels, colours):
+    sel = budgets == c
+    ax.scatter(runs.n[sel], runs.loss[sel], color=colour, zorder=3, label=f'C = {c:.2g}')
+    grid = np.geomspace(runs.n[sel].min() / 1.5, runs.n[sel].max() * 1.5, 100)
+    ax.plot(grid, fit.law.loss(grid, c / (k * grid)), color=colour, lw=1.5)
+    if iso is not None:
+      p = iso.parabolas[list(iso.budgets).index(c)] if c in iso.budgets else None
+      if p is not None:
+        ax.plot(grid, np.polyval(p, np.log10(grid)), color=colour, lw=1, ls='--')
+  if iso is not None:
+    ax.scatter(iso.n_opt, iso.loss_opt, marker='*', s=150, color='red', zorder=4,
+               label='approach 2 optima')
+  ax.set(xscale='log', xlabel='parameters N', ylabel='final validation loss',
+         title='IsoFLOP curves (solid: approach 3 law; dashed: approach 2 parabolas)')
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  paths.append(os.path.join(out_dir, 'isoflop.png'))
+  fig.savefig(paths[-1], dpi=110)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  cs = np.geomspace(levels.min() / 2, levels.max() * extrapolate, 50)
+  ax.plot(cs, fit.law.optimal(cs, k)[0], label='approach 3: N_opt(C)')
+  if iso is not None:
+    ax.plot(cs, iso.optimal(cs)[0], ls='--', label='approach 2: N_opt(C)')
+    ax.scatter(iso.budgets, iso.n_opt, marker='*', s=120, color='red', zorder=3,
+               label='approach 2 optima')
+  ax.scatter(runs.flops, runs.n, s=12, color='grey', label='runs')
+  ax.set(xscale='log', yscale='log', xlabel='training FLOPs C', ylabel='parameters N',
+         title='compute-optimal model size')
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  paths.append(os.path.join(out_dir, 'optimum.png'))
+  fig.savefig(paths[-1], dpi=110)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(5, 5))
+  pred = fit.law.loss(runs.n, runs.d)
+  ax.scatter(runs.loss, pred, c=np.log10(runs.n), cmap='viridis')
+  lo, hi = min(runs.loss.min(), pred.min()), max(runs.loss.max(), pred.max())
+  ax.plot([lo, hi], [lo, hi], color='grey', lw=1)
+  ax.set(xlabel='run loss', ylabel='law L(N, D)', title='approach 3 fit (colour: log10 N)')
+  fig.tight_layout()
+  paths.append(os.path.join(out_dir, 'law.png'))
+  fig.savefig(paths[-1], dpi=110)
+  plt.close(fig)
+  return paths

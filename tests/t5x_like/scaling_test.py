@@ -98,6 +98,38 @@ def test_isoflop_parabolas_find_the_optimum():
   np.testing.assert_allclose(iso.n_opt * iso.d_opt() * 6, iso.budgets)
 
 
+def test_trials_of_one_budget_share_it():
+  # An IsoFLOP sweep's trials stop at whole steps: their FLOPs are near, not equal.
+  flops = [1.00e12, 0.98e12, 1.03e12, 2.2e12, 2.25e12, 4.8e12]
+  budgets = scaling.group_budgets(flops)
+  assert len(set(budgets[:3])) == len(set(budgets[3:5])) == 1
+  assert len(set(budgets)) == 3
+  assert budgets[0] == pytest.approx(np.exp(np.mean(np.log(flops[:3]))))
+  assert budgets[5] == pytest.approx(flops[5])
+
+
+def test_fit_figures_are_drawn(tmp_path):
+  import matplotlib.image  # pylint: disable=g-import-not-at-top
+  law, k = TRUE, 6.5
+  n, d, flops = [], [], []
+  for c in (1e17, 1e18, 1e19):
+    for size in law.optimal(c, k)[0] * np.geomspace(1 / 4, 4, 5):
+      n.append(size)
+      d.append(c / (k * size) * (1 + 0.01 * len(n) % 3))  # not quite equal budgets
+      flops.append(k * size * d[-1])
+  n, d = np.array(n), np.array(d)
+  runs = scaling.Runs(tuple(f't{i}' for i in range(n.size)), n, d, law.loss(n, d),
+                      np.array(flops))
+  assert runs.flops_per_param_token == pytest.approx(k)
+  fit = scaling.fit_law(runs.n, runs.d, runs.loss, grid=SMALL_GRID)
+  iso = scaling.fit_isoflop(runs.n, runs.loss, runs.budgets, flops_per_param_token=k)
+  paths = scaling.plot_fits(runs, fit, iso, str(tmp_path))
+  assert [os.path.basename(p) for p in paths] == ['isoflop.png', 'optimum.png', 'law.png']
+  for path in paths:
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 300 and len(np.unique(image.reshape(-1, image.shape[-1]), axis=0)) > 20
+
+
 @pytest.mark.parametrize('call,message', [
     (lambda: scaling.fit_law([1e8, 1e9], [1e9, 1e10], [3.0, 2.5]),
      'needs at least 5 points'),
