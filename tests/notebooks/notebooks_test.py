@@ -10,7 +10,6 @@ import re
 
 import nbclient
 import nbformat
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
