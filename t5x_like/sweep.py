@@ -3,6 +3,7 @@
     python -m t5x_like.sweep --gin_file=runs/pretrain_default.gin --sweep=my.sweep.json \
         --root=/tmp/sweeps/lr [--executor=local --workers=2 | --executor=slurm] [--gin.K=V ...]
     python -m t5x_like.sweep report /tmp/sweeps/lr          # any time, also while it runs
+    python -m t5x_like.sweep export /tmp/sweeps/lr DEST [--every=50]  # records, no checkpoints
 
 A sweep file (JSON) names gin bindings and their values:
 
@@ -485,6 +486,36 @@ def summary_rows(sweep: Sweep) -> List[Dict[str, Any]]:
   return rows
 
 
+def export(root: str, dest: str, every: int = 50) -> str:
+  """A sweep's record without its checkpoints, small enough to share or commit: sweep.json,
+  each trial's trial.json, done.json and log.txt, and its metrics.jsonl keeping every
+  'model' and 'eval' line, the 'step' and 'train' lines of every `every`-th step, and each
+  trial's last 'step' and 'train' line (so its report row is unchanged but for tokens/s).
+  `dest` must not exist yet."""
+  sweep = Sweep.load(root)
+  if every < 1:
+    raise SweepError(f'--every={every} must be at least 1')
+  if os.path.exists(dest):
+    raise SweepError(f'{dest} already exists: give a new folder to export to')
+  out = Sweep(dest, sweep.gin_files, sweep.common, sweep.trials)
+  out.save()
+  for i in range(len(sweep.trials)):
+    src, dst = sweep.trial_dir(i), out.trial_dir(i)
+    os.makedirs(dst)
+    for name in ('trial.json', 'done.json', 'log.txt'):
+      if os.path.exists(os.path.join(src, name)):
+        shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+    recs = _records(src)
+    last = {kind: max((r['step'] for r in recs if r.get('kind') == kind), default=None)
+            for kind in ('step', 'train')}
+    with open(os.path.join(dst, 'metrics.jsonl'), 'w') as f:
+      for r in recs:
+        kind = r.get('kind')
+        if kind not in ('step', 'train') or r['step'] % every == 0 or r['step'] == last[kind]:
+          f.write(json.dumps(r) + '\n')
+  return dest
+
+
 def _fmt(v: Any) -> str:
   if v is None:
     return '-'
@@ -585,6 +616,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Any:
     print(f'wrote {os.path.join(argv[1], "report.md")}, report.csv and '
           f'{len(result["plots"])} plots in {os.path.join(argv[1], "plots")}')
     return result
+  if argv and argv[0] == 'export':
+    if len(argv) not in (3, 4) or (len(argv) == 4 and not argv[3].startswith('--every=')):
+      raise SweepError('usage: python -m t5x_like.sweep export ROOT DEST [--every=N]')
+    every = argv[3].split('=', 1)[1] if len(argv) == 4 else '50'
+    if not every.isdigit():
+      raise SweepError(f'--every={every} must be a whole number of steps')
+    dest = export(argv[1], argv[2], int(every))
+    print(f'exported {argv[1]} to {dest} (no checkpoints; step lines every {every} steps)')
+    return dest
   from t5x_like import cli  # pylint: disable=g-import-not-at-top
   parser = cli.ArgumentParser(prog='python -m t5x_like.sweep',
                               description=__doc__.split('\n')[0])

@@ -2,7 +2,7 @@
 
 Each is executed by nbclient in a fresh Jupyter kernel, in a temporary folder, as a user would
 run it: the quickstart trains, plots, samples and shows shardings on 8 CPU devices; the
-sweep notebook runs its own small IsoFLOP sweep (no SWEEP_ROOT given), reports and fits it.
+sweep notebook reports and fits the shipped record of the chinchilla_tiny sweep.
 """
 
 import os
@@ -47,10 +47,18 @@ def test_quickstart_runs_on_cpu(tmp_path, monkeypatch):
   assert _images(nb) == 1  # the loss curve
 
 
-def test_sweep_and_fit_runs_its_own_sweep(tmp_path, monkeypatch):
-  nb = _run('sweep_and_fit', tmp_path, monkeypatch,
-            SWEEP_ROOT=str(tmp_path / 'no_sweep_here'))
+def _files(folder):
+  return sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs)
+
+
+def test_sweep_and_fit_fits_the_shipped_sweep(tmp_path, monkeypatch):
+  shipped = os.path.join(ROOT, 'docs', 'scaling', 'chinchilla_tiny')
+  before = _files(shipped)
+  monkeypatch.delenv('SWEEP_ROOT', raising=False)
+  nb = _run('sweep_and_fit', tmp_path, monkeypatch)
   text = _text(nb)
-  assert '6 runs, 2 budgets' in text
-  assert 'N_opt = ' in text and 'approach 2' in text
-  assert _images(nb) == 2 + 3  # two report curves, three fit figures
+  assert '20 runs, 4 budgets' in text
+  assert 'approach 2: N_opt ~ C^' in text and 'approach 2: N_opt = ' in text
+  assert 'approach 3: N_opt = ' in text
+  assert _images(nb) == 1 + 3  # a report curve, three fit figures
+  assert _files(shipped) == before  # the report went to a copy

@@ -175,6 +175,21 @@ def test_killed_sweep_restarts_and_finishes_each_trial_once(tmp_path):
   result = sweep_lib.report(root)
   assert [r['status'] for r in result['rows']] == ['done'] * 4
   assert all(r['final_val_loss'] is not None and r['flops'] > 0 for r in result['rows'])
+  # The trainer's 'model' record: what scaling fits take as N, and the FLOPs per token.
+  from models import param_count  # pylint: disable=g-import-not-at-top
+  from t5x_like import gin_utils  # pylint: disable=g-import-not-at-top
+  tiny = param_count.accounting(gin_utils.model_from_gin(FILES[:1]).config, 0, 32)
+  for r in result['rows']:
+    assert r['params'] == tiny['params'] and r['flops_per_token'] == tiny['flops_per_token']
+    assert r['flops'] == r['tokens'] * tiny['flops_per_token']
+  # An export (records, no checkpoints) reports the same rows, tokens/s aside.
+  exported = sweep_lib.main(['export', root, str(tmp_path / 'export'), '--every=4'])
+  assert not any('checkpoints' in dirs for _, dirs, _ in os.walk(exported))
+  again = sweep_lib.report(exported)['rows']
+  strip = lambda rows: [{k: v for k, v in r.items() if k != 'tokens_per_s'} for r in rows]  # pylint: disable=unnecessary-lambda-assignment
+  assert strip(again) == strip(result['rows'])
+  with pytest.raises(sweep_lib.SweepError, match='already exists'):
+    sweep_lib.export(root, exported)
   with open(os.path.join(root, 'report.csv')) as f:
     assert len(f.read().splitlines()) == 5
   import matplotlib.image  # pylint: disable=g-import-not-at-top
@@ -188,3 +203,28 @@ def test_killed_sweep_restarts_and_finishes_each_trial_once(tmp_path):
     for k in range(4):
       want_colour = tuple(np.round(plt.get_cmap('tab10')(k)[:3], 2))
       assert any(np.allclose(c, want_colour, atol=0.02) for c in colours), (path, k)
+
+
+def test_shipped_sweeps_check_and_chinchilla_is_an_isoflop_design(tmp_path):
+  lr = sweep_lib.create(FILES, 'sweeps/lr_tiny.json', str(tmp_path / 'lr'),
+                        ["MIXTURE_OR_TASK_NAME = 'stdlib_lm'"])
+  assert len(lr.trials) == 4
+  sweep = sweep_lib.create(['sweeps/chinchilla_tiny.gin'], 'sweeps/chinchilla_tiny.json',
+                           str(tmp_path / 'chinchilla'))
+  assert len(sweep.trials) == 20
+  # 5 sizes x 4 budgets: each trial's exact training FLOPs is its budget to within a step.
+  from models import param_count  # pylint: disable=g-import-not-at-top
+  from t5x_like import gin_utils  # pylint: disable=g-import-not-at-top
+  from t5x_like import scaling  # pylint: disable=g-import-not-at-top
+  flops, sizes = [], set()
+  for i in range(len(sweep.trials)):
+    model = gin_utils.model_from_gin(sweep.gin_files, sweep.trial_bindings(i))
+    per_token = param_count.accounting(model.config, 0, 128)['flops_per_token']
+    flops.append(sweep.trials[i]['bindings']['TRAIN_STEPS'] * 16 * 128 * per_token)
+    sizes.add(model.config.emb_dim)
+  budgets = scaling.group_budgets(flops)
+  assert len(sizes) == 5
+  np.testing.assert_allclose(sorted(set(np.round(budgets, -10))), [1e12, 2.2e12, 4.8e12, 1.05e13],
+                             rtol=0.01)
+  for b in set(budgets):
+    assert sum(budgets == b) == 5
