@@ -32,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from t5x_like import scaling  # pylint: disable=g-import-not-at-top,wrong-import-position
+from t5x_like import utils  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 EPOCH_AI_CSV = os.path.join(ROOT, 't5x_like', 'data', 'published', 'chinchilla_epoch_ai.csv')
 SMALL_GRID = dict(a=[0.0, 10.0, 20.0], b=[0.0, 10.0, 20.0], e=[-1.0, 0.5], alpha=[0.0, 0.5],
@@ -118,7 +119,7 @@ def main(argv=None):
     iso = None
     if budgets is not None:
       iso = scaling.fit_isoflop(n[keep], loss[keep], budgets[keep], flops_per_param_token=k)
-  except scaling.FitError as e:
+  except (scaling.FitError, utils.InputError) as e:  # InputError: e.g. no sweep in that folder
     sys.exit(str(e))
   if args.budgets is None:
     args.budgets = ('1e21,5.76e23' if runs is None else ','.join(

@@ -323,7 +323,7 @@ def plot_fits(runs: Runs, fit: LawFit, iso: Optional[IsoFlopFit], out_dir: str,
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for c, colour in zip(levels, colours):
     sel = budgets == c
-    ax.scatter(runs.n[sel], runs.loss[sel], color=colour, zorder=3, label=f'C = {c:.2g}')
+    ax.scatter(runs.n[sel], runs.loss[sel], color=colour, zorder=3, label=f'C = {c:.3g}')
     grid = np.geomspace(runs.n[sel].min() / 1.5, runs.n[sel].max() * 1.5, 100)
     ax.plot(grid, fit.law.loss(grid, c / (k * grid)), color=colour, lw=1.5)
     if iso is not None:

@@ -9,6 +9,8 @@ import scipy.optimize
 
 from t5x_like import scaling
 
+import testing_utils
+
 DATA = os.path.join(os.path.dirname(scaling.__file__), 'data', 'published',
                     'chinchilla_epoch_ai.csv')
 # Epoch AI's fit and standard errors (Besiroglu et al., 2024, Table 1).
@@ -146,3 +148,48 @@ def test_bad_fits_say_what_is_wrong(call, message):
   with pytest.raises(scaling.FitError, match=message) as e:
     call()
   assert '\n' not in str(e.value)
+
+
+def _sweep_record(root, losses, done=True):
+  """A sweep's record as the trainer and sweep write it, one trial per loss."""
+  import json  # pylint: disable=g-import-not-at-top
+  from t5x_like import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  trials = [{'id': f't{i:03d}', 'bindings': {'TRAIN_STEPS': 10}} for i in range(len(losses))]
+  sweep_lib.Sweep(str(root), ['models/llama/tiny.gin'], [], trials).save()
+  for i, loss in enumerate(losses):
+    d = root / trials[i]['id']
+    d.mkdir()
+    per_token = 6.6 * 1e4 * (i + 1)
+    records = [{'kind': 'model', 'step': 0, 'params': 1e4 * (i + 1), 'flops_per_token': per_token},
+               {'kind': 'step', 'step': 10, 'loss': loss + 0.1},
+               {'kind': 'train', 'step': 10, 'tokens': 2560, 'flops': 2560 * per_token},
+               {'kind': 'eval', 'step': 10, 'loss': loss}]
+    (d / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+    if done:
+      (d / 'done.json').write_text(json.dumps({'step': 10, 'wall_s': 1.0}))
+
+
+@pytest.mark.parametrize('case,message', [
+    ('no_sweep', 'holds no sweep'),
+    ('running', 'no finished trials yet'),
+    ('three_trials', 'needs at least 5 points'),
+])
+def test_fit_scaling_on_a_bad_sweep_says_what_is_wrong_in_one_line(tmp_path, case, message):
+  fit_scaling = testing_utils.load_script('fit_scaling')
+  root = tmp_path / 'sweep'
+  if case == 'running':
+    _sweep_record(root, [3.0, 2.9, 2.8], done=False)
+  elif case == 'three_trials':
+    _sweep_record(root, [3.0, 2.9, 2.8])
+  with pytest.raises(SystemExit) as e:
+    fit_scaling.main([f'--sweep={root}', '--grid=small', '--bootstrap=0'])
+  assert message in str(e.value) and '\n' not in str(e.value)
+
+
+def test_sweep_runs_read_the_trainer_records(tmp_path):
+  _sweep_record(tmp_path / 'sweep', [3.0, 2.9, 2.8, 2.75, 2.7, 2.72])
+  runs = scaling.sweep_runs(str(tmp_path / 'sweep'))
+  np.testing.assert_allclose(runs.n, 1e4 * np.arange(1, 7))
+  np.testing.assert_allclose(runs.d, 2560)
+  np.testing.assert_allclose(runs.loss, [3.0, 2.9, 2.8, 2.75, 2.7, 2.72])
+  assert runs.flops_per_param_token == pytest.approx(6.6)
