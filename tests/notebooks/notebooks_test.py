@@ -17,7 +17,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def _run(name, tmp_path, monkeypatch, **env):
   for k, v in env.items():
     monkeypatch.setenv(k, v)
-  monkeypatch.setenv('MPLBACKEND', 'Agg')
   nb = nbformat.read(os.path.join(ROOT, 'notebooks', f'{name}.ipynb'), as_version=4)
   nbclient.NotebookClient(nb, timeout=600, kernel_name='python3',
                           resources={'metadata': {'path': str(tmp_path)}}).execute()

@@ -123,7 +123,7 @@ def test_fit_figures_are_drawn(tmp_path):
   runs = scaling.Runs(tuple(f't{i}' for i in range(n.size)), n, d, law.loss(n, d),
                       np.array(flops))
   assert runs.flops_per_param_token == pytest.approx(k)
-  fit = scaling.fit_law(runs.n, runs.d, runs.loss, grid=SMALL_GRID)
+  fit = scaling.fit_law(runs.n, runs.d, runs.loss, init=law)  # the figures, not the fit
   iso = scaling.fit_isoflop(runs.n, runs.loss, runs.budgets, flops_per_param_token=k)
   paths = scaling.plot_fits(runs, fit, iso, str(tmp_path))
   assert [os.path.basename(p) for p in paths] == ['isoflop.png', 'optimum.png', 'law.png']
