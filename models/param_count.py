@@ -179,6 +179,17 @@ def attention_flops_per_token(c: cfg.DecoderConfig, length: int) -> int:
   return 12 * c.num_layers * length * c.num_heads * c.head_dim
 
 
+def param_counts(c: cfg.DecoderConfig) -> dict:
+  """Parameters: total, embedding, non-embedding, active per token (MoE), and Kaplan's 6 N
+  training FLOPs per token with N the active non-embedding parameters."""
+  total = analytic_param_count(c)
+  embedding = embedding_param_count(c)
+  active = active_param_count(c)
+  return dict(params=total, embedding_params=embedding, non_embedding_params=total - embedding,
+              active_params=active, active_non_embedding_params=active - embedding,
+              flops_per_token_6n=6 * (active - embedding))
+
+
 def accounting(c: cfg.DecoderConfig, inputs_length: int, targets_length: int) -> dict:
   """A model's parameters and training FLOPs per token, for sweeps and scaling laws.
 
@@ -189,11 +200,6 @@ def accounting(c: cfg.DecoderConfig, inputs_length: int, targets_length: int) ->
   attention term `attention_flops_per_token`, the output layer (6 d V) and the parameters
   that are no matmul (norms, biases).
   """
-  total = analytic_param_count(c)
-  embedding = embedding_param_count(c)
-  active = active_param_count(c)
-  tokens = inputs_length + targets_length
-  exact = train_flops_per_example(c, inputs_length, targets_length) / tokens
-  return dict(params=total, embedding_params=embedding, non_embedding_params=total - embedding,
-              active_params=active, active_non_embedding_params=active - embedding,
-              flops_per_token=exact, flops_per_token_6n=6 * (active - embedding))
+  exact = train_flops_per_example(c, inputs_length, targets_length) / (
+      inputs_length + targets_length)
+  return {**param_counts(c), 'flops_per_token': exact}

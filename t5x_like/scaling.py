@@ -19,6 +19,7 @@ is plain numpy and scipy (float64), so fits are exact and fast on a CPU.
 
 import dataclasses
 import itertools
+import os
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -309,7 +310,6 @@ def plot_fits(runs: Runs, fit: LawFit, iso: Optional[IsoFlopFit], out_dir: str,
   parabolas and approach 3's law along the same budget), `optimum.png` (N_opt against C for
   both approaches, extrapolated `extrapolate` x past the largest budget) and `law.png`
   (the law's loss against each run's). Returns the paths."""
-  import os  # pylint: disable=g-import-not-at-top
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -320,26 +320,29 @@ def plot_fits(runs: Runs, fit: LawFit, iso: Optional[IsoFlopFit], out_dir: str,
   colours = plt.cm.viridis(np.linspace(0, 0.9, levels.size))
   paths = []
 
+  def save(fig, ax, name, legend=True):
+    if legend:
+      ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, name))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for c, colour in zip(levels, colours):
     sel = budgets == c
     ax.scatter(runs.n[sel], runs.loss[sel], color=colour, zorder=3, label=f'C = {c:.3g}')
     grid = np.geomspace(runs.n[sel].min() / 1.5, runs.n[sel].max() * 1.5, 100)
     ax.plot(grid, fit.law.loss(grid, c / (k * grid)), color=colour, lw=1.5)
-    if iso is not None:
-      p = iso.parabolas[list(iso.budgets).index(c)] if c in iso.budgets else None
-      if p is not None:
-        ax.plot(grid, np.polyval(p, np.log10(grid)), color=colour, lw=1, ls='--')
+    if iso is not None and c in iso.budgets:
+      p = iso.parabolas[list(iso.budgets).index(c)]
+      ax.plot(grid, np.polyval(p, np.log10(grid)), color=colour, lw=1, ls='--')
   if iso is not None:
     ax.scatter(iso.n_opt, iso.loss_opt, marker='*', s=150, color='red', zorder=4,
                label='approach 2 optima')
   ax.set(xscale='log', xlabel='parameters N', ylabel='final validation loss',
          title='IsoFLOP curves (solid: approach 3 law; dashed: approach 2 parabolas)')
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  paths.append(os.path.join(out_dir, 'isoflop.png'))
-  fig.savefig(paths[-1], dpi=110)
-  plt.close(fig)
+  save(fig, ax, 'isoflop.png')
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
   cs = np.geomspace(levels.min() / 2, levels.max() * extrapolate, 50)
@@ -351,11 +354,7 @@ def plot_fits(runs: Runs, fit: LawFit, iso: Optional[IsoFlopFit], out_dir: str,
   ax.scatter(runs.flops, runs.n, s=12, color='grey', label='runs')
   ax.set(xscale='log', yscale='log', xlabel='training FLOPs C', ylabel='parameters N',
          title='compute-optimal model size')
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  paths.append(os.path.join(out_dir, 'optimum.png'))
-  fig.savefig(paths[-1], dpi=110)
-  plt.close(fig)
+  save(fig, ax, 'optimum.png')
 
   fig, ax = plt.subplots(figsize=(5, 5))
   pred = fit.law.loss(runs.n, runs.d)
@@ -363,8 +362,5 @@ def plot_fits(runs: Runs, fit: LawFit, iso: Optional[IsoFlopFit], out_dir: str,
   lo, hi = min(runs.loss.min(), pred.min()), max(runs.loss.max(), pred.max())
   ax.plot([lo, hi], [lo, hi], color='grey', lw=1)
   ax.set(xlabel='run loss', ylabel='law L(N, D)', title='approach 3 fit (colour: log10 N)')
-  fig.tight_layout()
-  paths.append(os.path.join(out_dir, 'law.png'))
-  fig.savefig(paths[-1], dpi=110)
-  plt.close(fig)
+  save(fig, ax, 'law.png', legend=False)
   return paths

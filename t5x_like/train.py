@@ -238,9 +238,8 @@ def train(*,
   # What the sweep report and scaling fits read: parameters (total, non-embedding, active)
   # and the exact training FLOPs per token (models/param_count.py), for any model's
   # features (a reward model's or DPO's pairs too: the step's FLOPs over its tokens).
-  counts = param_count.accounting(model.config, 0, 1)
-  counts['flops_per_token'] = flops_per_step / max(tokens_per_step, 1)
-  writer.write('model', start_step, counts)
+  writer.write('model', start_step, {**param_count.param_counts(model.config),
+                                     'flops_per_token': flops_per_step / max(tokens_per_step, 1)})
   try:
     if start_state is not None:
       state = start_state
