@@ -19,6 +19,7 @@ from partitioning import mesh as mesh_lib
 from partitioning import partitioner as partitioner_lib
 from t5x_like import checkpoints
 from t5x_like import decoding
+from t5x_like import flags
 from t5x_like import gin_utils
 from t5x_like import signals
 from t5x_like import utils
@@ -42,18 +43,10 @@ class ArgumentParser(argparse.ArgumentParser):
     raise utils.InputError(f'{message}: see {self.prog} --help')
 
 
-def parse_args(prog: str, description: str, argv: Sequence[str]):
-  """-> (known flags, gin binding strings from --gin.KEY=value)."""
-  parser = ArgumentParser(prog=prog, description=description)
-  parser.add_argument('--gin_file', action='append', default=[],
-                      help='gin file (repeatable); shipped files by path relative to gin/')
-  parser.add_argument('--gin_search_path', action='append', default=[])
-  parser.add_argument('--coordinator_address', default=None,
-                      help='host:port of process 0 (multi-host; see jax.distributed.initialize)')
-  parser.add_argument('--num_processes', type=int, default=None)
-  parser.add_argument('--process_id', type=int, default=None)
-  parser.add_argument('--cpu_collectives', default='gloo',
-                      help='CPU collectives for multi-process CPU runs')
+def parse_args(entry: str, argv: Sequence[str]):
+  """-> (known flags, gin binding strings from --gin.KEY=value) of `python -m <entry>`
+  (flags.ENTRIES: 'train', 'infer' or 'eval')."""
+  parser = flags.parser_for(entry, ArgumentParser)
   known, rest = parser.parse_known_args(argv)
   gin_flags = [a for a in rest if a.startswith('--gin.')]
   unknown = [a for a in rest if not a.startswith('--gin.')]

@@ -272,8 +272,7 @@ def run(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> Dict[str, Any
 
 
 def main(argv: Sequence[str]) -> Dict[str, Any]:
-  args, bindings = cli.parse_args(
-      'python -m eval', 'Evaluate checkpoints; --gin.KEY=value overrides a binding.', argv)
+  args, bindings = cli.parse_args('eval', argv)
   cli.join_job(args)
   return run(args.gin_file, bindings)
 

@@ -12,7 +12,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import gin
 
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'gin')
+from t5x_like import flags
+
+GIN_DIR = flags.GIN_DIR
 
 
 class GinError(ValueError):

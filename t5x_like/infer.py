@@ -603,9 +603,7 @@ def run(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> Dict[str, Any
 
 
 def main(argv: Sequence[str]) -> Dict[str, Any]:
-  args, bindings = cli.parse_args(
-      'python -m infer', 'Generate from or score a checkpoint; --gin.KEY=value overrides a '
-      'binding.', argv)
+  args, bindings = cli.parse_args('infer', argv)
   cli.join_job(args)
   return run(args.gin_file, bindings)
 

@@ -456,9 +456,7 @@ def run(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> Dict[str, Any
 
 def main(argv: Sequence[str]) -> Dict[str, Any]:
   """Parses flags, joins the job (multi-host) and runs the gin-configured train()."""
-  args, bindings = cli.parse_args(
-      'python -m train', 'Train a model from gin files; --gin.KEY=value overrides a binding.',
-      argv)
+  args, bindings = cli.parse_args('train', argv)
   cli.join_job(args)
   return run(args.gin_file, bindings)
 

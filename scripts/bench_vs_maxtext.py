@@ -1,0 +1,201 @@
+"""Side by side with MaxText: tokens/s, CPU time, peak memory and start-up on one shape.
+
+    python scripts/bench_vs_maxtext.py [--lengths 512 2048] [--rounds 3] [--steps 12]
+        [--maxtext_python PATH] [--ours_only] [--gin.KEY=value ...] [--no-append]
+
+Both sides train the same 20.5M LLaMA-style decoder (gin/models/llama/maxtext_20m.gin:
+vocab 8192, embed 384, 6 layers, 6 heads x 64, SwiGLU 1536, AdamW, f32) through their
+own command-line entry points, as a user would start them:
+  ours:    python -m train --gin_file=runs/bench_maxtext.gin (the embedded corpus,
+           packed, a console line per step; nothing but the run file's defaults)
+  MaxText: python -m maxtext.trainers.pre_train.train decoupled_base_test.yml ...
+           (synthetic data, remat_policy=minimal, its CPU settings)
+at 8 x 512 and 2 x 2048 tokens a step. Rounds alternate which side goes first, so a
+noisy window hurts both. Per run it measures, from outside the process:
+  tokens/s        tokens per step / the median wall-clock gap between step lines
+                  (the first `--skip` gaps are left out: compilation and warm-up);
+  CPU s/step      the process's user+system CPU seconds (/proc) over those same
+                  gaps, per step: more CPU than wall time x cores means contention;
+  peak RSS        the process's maximum resident set size (wait4);
+  first step      seconds from launch to the first step's line.
+The table gives each side's median over the rounds and the ratio of the medians, and
+is appended to docs/benchmarks.md with the machine, date and command.
+
+MaxText lives in its own Python 3.12 virtual environment (never a dependency here):
+  python3.12 -m venv ~/maxtext-venv && ~/maxtext-venv/bin/pip install --no-deps maxtext==0.2.5 \\
+    && ~/maxtext-venv/bin/pip install 'jax[cpu]' flax optax orbax-checkpoint grain omegaconf \\
+    pydantic absl-py tensorboardx pathwaysutils jinja2 aqtp qwix tokamax huggingface_hub \\
+    transformers drjax pillow tiktoken sentencepiece sympy ml-collections
+then pass --maxtext_python ~/maxtext-venv/bin/python (or set MAXTEXT_PYTHON).
+"""
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES = {512: 8, 2048: 2}  # sequence length -> batch size
+MAXTEXT_SHAPE = ('base_emb_dim=384', 'base_num_query_heads=6', 'base_num_kv_heads=6',
+                 'base_mlp_dim=1536', 'base_num_decoder_layers=6', 'head_dim=64',
+                 'vocab_size=8192', 'dtype=float32', 'remat_policy=minimal')
+INSTALL = ('MaxText is not installed: python3.12 -m venv ~/maxtext-venv && '
+           '~/maxtext-venv/bin/pip install --no-deps maxtext==0.2.5 && ~/maxtext-venv/bin/pip '
+           "install 'jax[cpu]' flax optax orbax-checkpoint grain omegaconf pydantic absl-py "
+           'tensorboardx pathwaysutils jinja2 aqtp qwix tokamax huggingface_hub transformers drjax '
+           'pillow tiktoken sentencepiece sympy ml-collections; then pass '
+           '--maxtext_python ~/maxtext-venv/bin/python')
+_OURS_STEP = re.compile(r'^train step\s+(\d+)/')
+_MAXTEXT_STEP = re.compile(r'completed step: (\d+)')
+
+
+def _cpu_seconds(pid: int) -> float:
+  """user + system CPU seconds of a live process (all its threads)."""
+  with open(f'/proc/{pid}/stat') as f:
+    fields = f.read().rsplit(')', 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def run(cmd: List[str], env: Dict[str, str], step_re, tokens: int, skip: int,
+        log: Optional[str] = None) -> Dict[str, float]:
+  """Runs one training process; -> its measurements (see the module docstring)."""
+  start = time.monotonic()
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, bufsize=1)
+  marks, lines = [], []  # (wall seconds since launch, CPU seconds) at each step line
+  for line in proc.stdout:
+    lines.append(line)
+    if step_re.search(line):
+      try:
+        cpu = _cpu_seconds(proc.pid)
+      except OSError:
+        cpu = float('nan')
+      marks.append((time.monotonic() - start, cpu))
+  _, status, usage = os.wait4(proc.pid, 0)
+  if log:
+    with open(log, 'w') as f:
+      f.writelines(lines)
+  if os.waitstatus_to_exitcode(status) != 0 or len(marks) < skip + 2:
+    tail = ''.join(lines[-15:])
+    raise RuntimeError(f'{cmd[:3]} failed or logged too few steps ({len(marks)}):\n{tail}')
+  gaps = [b[0] - a[0] for a, b in zip(marks, marks[1:])][skip:]
+  cpu = [(b[1] - a[1]) for a, b in zip(marks, marks[1:])][skip:]
+  return {'tokens_per_s': tokens / statistics.median(gaps),
+          'cpu_per_step': statistics.median(cpu),
+          'step_s': statistics.median(gaps),
+          'rss_gib': usage.ru_maxrss / 2**20,
+          'first_step_s': marks[0][0]}
+
+
+def ours_cmd(length: int, batch: int, steps: int, model_dir: str, extra: List[str]):
+  return [sys.executable, '-m', 'train', '--gin_file=runs/bench_maxtext.gin',
+          f"--gin.TASK_FEATURE_LENGTHS={{'targets': {length}}}", f'--gin.BATCH_SIZE={batch}',
+          f'--gin.TRAIN_STEPS={steps}', f"--gin.MODEL_DIR='{model_dir}'"] + extra
+
+
+def maxtext_cmd(python: str, length: int, batch: int, steps: int, out: str):
+  import_dir = subprocess.run([python, '-c', 'import maxtext, os; print(os.path.dirname('
+                               'maxtext.__file__))'], capture_output=True, text=True,
+                              check=True).stdout.strip()
+  config = os.path.join(import_dir, 'configs', 'decoupled_base_test.yml')
+  return [python, '-m', 'maxtext.trainers.pre_train.train', config, 'run_name=bench',
+          'hardware=cpu', 'dataset_type=synthetic', 'skip_jax_distributed_system=True',
+          'enable_checkpointing=False', f'per_device_batch_size={batch}',
+          f'max_target_length={length}', f'steps={steps}', f'base_output_directory={out}',
+          *MAXTEXT_SHAPE]
+
+
+def clean_env(**extra) -> Dict[str, str]:
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
+  env.update(PYTHONUNBUFFERED='1', JAX_PLATFORMS='cpu', **extra)
+  return env
+
+
+def maxtext_python(flag: Optional[str]) -> Optional[str]:
+  python = flag or os.environ.get('MAXTEXT_PYTHON')
+  if python and os.path.exists(python):
+    ok = subprocess.run([python, '-c', 'import maxtext'], capture_output=True).returncode == 0
+    return python if ok else None
+  return None
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--lengths', type=int, nargs='+', default=[512, 2048], choices=sorted(SHAPES))
+  p.add_argument('--rounds', type=int, default=3)
+  p.add_argument('--steps', type=int, default=12)
+  p.add_argument('--skip', type=int, default=2, help='step gaps left out at the start')
+  p.add_argument('--maxtext_python', default=None)
+  p.add_argument('--ours_only', action='store_true', help='measure ours without MaxText')
+  p.add_argument('--logs', default=None, help='keep every run\'s output in this folder')
+  p.add_argument('--no-append', action='store_true')
+  args, rest = p.parse_known_args(argv)
+  extra = [a for a in rest if a.startswith('--gin.')]
+  if len(extra) != len(rest):
+    p.error(f'unrecognised arguments: {[a for a in rest if not a.startswith("--gin.")]}')
+  python = None if args.ours_only else maxtext_python(args.maxtext_python)
+  if python is None and not args.ours_only:
+    print(INSTALL, file=sys.stderr)
+    sys.exit(2)
+  if args.logs:
+    os.makedirs(args.logs, exist_ok=True)
+
+  results = {(side, length): [] for side in ('ours', 'maxtext') for length in args.lengths}
+  for r in range(args.rounds):
+    for length in args.lengths:
+      batch = SHAPES[length]
+      sides = ['ours'] + ([] if args.ours_only else ['maxtext'])
+      for side in (sides if r % 2 == 0 else sides[::-1]):
+        tmp = tempfile.mkdtemp(prefix=f'bench_{side}_')
+        try:
+          log = args.logs and os.path.join(args.logs, f'{side}_{length}_r{r}.log')
+          if side == 'ours':
+            m = run(ours_cmd(length, batch, args.steps, tmp, extra), clean_env(), _OURS_STEP,
+                    batch * length, args.skip, log)
+          else:
+            m = run(maxtext_cmd(python, length, batch, args.steps, tmp),
+                    clean_env(DECOUPLE_GCLOUD='TRUE'), _MAXTEXT_STEP, batch * length,
+                    args.skip, log)
+        finally:
+          shutil.rmtree(tmp, ignore_errors=True)
+        results[(side, length)].append(m)
+        print(f'round {r + 1} {side:<7} {batch} x {length}: {m["tokens_per_s"]:7.0f} tok/s  '
+              f'{m["cpu_per_step"]:5.1f} CPU s/step  {m["rss_gib"]:.2f} GiB  first step '
+              f'{m["first_step_s"]:.1f} s', flush=True)
+
+  rows = []
+  for length in args.lengths:
+    med = {side: {k: statistics.median(m[k] for m in results[(side, length)])
+                  for k in ('tokens_per_s', 'cpu_per_step', 'rss_gib', 'first_step_s')}
+           for side in ('ours', 'maxtext') if results[(side, length)]}
+    shape = f'{SHAPES[length]} x {length}'
+    for side, m in med.items():
+      rows.append(f'| {shape} | {side} | {m["tokens_per_s"]:,.0f} | {m["cpu_per_step"]:.1f} | '
+                  f'{m["rss_gib"]:.2f} | {m["first_step_s"]:.1f} |')
+    if len(med) == 2:
+      o, t = med['ours'], med['maxtext']
+      rows.append(f'| {shape} | **ours / MaxText** | **{o["tokens_per_s"] / t["tokens_per_s"]:.2f}x**'
+                  f' | {o["cpu_per_step"] / t["cpu_per_step"]:.2f}x | '
+                  f'**{o["rss_gib"] / t["rss_gib"]:.2f}x** | '
+                  f'{o["first_step_s"] / t["first_step_s"]:.2f}x |')
+  table = ('| tokens/step | side | tokens/s | CPU s/step | peak RSS (GiB) | launch to first '
+           'step (s) |\n|---|---|---|---|---|---|\n' + '\n'.join(rows) + '\n')
+  print()
+  print(table)
+  if not args.no_append:
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    from record_benchmark import append_section  # pylint: disable=g-import-not-at-top
+    cmd = 'python scripts/bench_vs_maxtext.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
+    append_section('bench_vs_maxtext', f'Command: `{cmd.strip()}`; medians of {args.rounds} '
+                   f'rounds, {args.steps} steps a run, the first {args.skip} gaps left out.\n\n'
+                   + table)
+
+
+if __name__ == '__main__':
+  main()
