@@ -6,11 +6,13 @@ from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from flax import struct
 
 from models import config as cfg
 from models import layers
+from pallas_kernels.flash_attention import blockwise
 from pallas_kernels.flash_attention import ops as flash_ops
 from pallas_kernels.flash_attention import xla
 from partitioning import axes as ax
@@ -48,10 +50,13 @@ def dot_product_attention(kernel: cfg.AttentionKernel, q: Array, k: Array, v: Ar
                           dropout_rate: float = 0.0,
                           dropout_rng: Optional[Array] = None,
                           scale: Optional[float] = None,
-                          prefix: Optional[Tuple[Array, Array]] = None) -> Array:
+                          prefix: Optional[Tuple[Array, Array]] = None,
+                          block_size: int = 0) -> Array:
   """The single place an attention implementation is chosen.
 
   q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim].
+  The XLA kernel runs causal self-attention in blocks of `block_size` query rows
+  (blockwise.py) where `blockwise.eligible` allows, else `xla.attention`.
   """
   masks = dict(q_segment_ids=q_ctx.segment_ids, kv_segment_ids=kv_ctx.segment_ids,
                q_positions=q_ctx.positions, kv_positions=kv_ctx.positions, causal=causal,
@@ -59,6 +64,16 @@ def dot_product_attention(kernel: cfg.AttentionKernel, q: Array, k: Array, v: Ar
                kv_prefix=kv_ctx.prefix if causal else None, scale=scale)
   match kernel:
     case cfg.AttentionKernel.XLA:
+      if not q_ctx.decode and blockwise.eligible(
+          q.shape[1], k.shape[1], causal=causal, block=block_size,
+          has_prefix=masks['q_prefix'] is not None,
+          has_bias=alibi_slopes is not None or rel_bias is not None,
+          dropout=dropout_rate > 0.0 and dropout_rng is not None,
+          has_prefix_kv=prefix is not None):
+        return blockwise.attention(
+            q, k, v, q_segment_ids=q_ctx.segment_ids, kv_segment_ids=kv_ctx.segment_ids,
+            q_positions=q_ctx.positions, kv_positions=kv_ctx.positions, scale=scale,
+            block=block_size)
       prefix_k, prefix_v = prefix if prefix is not None else (None, None)
       return xla.attention(q, k, v, **masks, alibi_slopes=alibi_slopes,
                            rel_bias=rel_bias, dropout_rate=dropout_rate,
@@ -129,6 +144,7 @@ class MultiHeadAttention(nn.Module):
   rope: Optional[layers.Rope] = None  # with position_encoding ROPE
   query_scale: Optional[float] = None  # None: 1/sqrt(head_dim)
   kernel: cfg.AttentionKernel = cfg.AttentionKernel.XLA
+  block_size: int = 0  # the XLA kernel's causal blocks (DecoderConfig.attention_block_size)
   use_bias: bool = False
   dropout_rate: float = 0.0
   deterministic: bool = True
@@ -150,6 +166,7 @@ class MultiHeadAttention(nn.Module):
     q = dense((self.num_heads, self.head_dim), (ax.EMBED, ax.HEADS, ax.HEAD_DIM),
               name='query')(inputs_q)  # [batch, q_len, heads, head_dim]
     q = nn.with_logical_constraint(q, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))
+    q = checkpoint_name(q, 'query_proj')  # (what named remat policies save: transformer.py)
     if self.cross_attention and q_ctx.decode == 'step':
       # The encoder output's keys and values were projected once, at prefill.
       k, v = self.get_variable('cache', 'cached_key'), self.get_variable('cache', 'cached_value')
@@ -158,8 +175,8 @@ class MultiHeadAttention(nn.Module):
                 name='key')(inputs_kv)  # [batch, kv_len, kv_heads, head_dim]
       v = dense((self.num_kv_heads, self.head_dim), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM),
                 init_scale=self.value_init_scale, name='value')(inputs_kv)
-      k = nn.with_logical_constraint(k, _KV_AXES)
-      v = nn.with_logical_constraint(v, _KV_AXES)
+      k = checkpoint_name(nn.with_logical_constraint(k, _KV_AXES), 'key_proj')
+      v = checkpoint_name(nn.with_logical_constraint(v, _KV_AXES), 'value_proj')
 
     prefix = None
     if (self.peft is not None and self.peft.method == cfg.PeftMethod.PREFIX and
@@ -204,10 +221,11 @@ class MultiHeadAttention(nn.Module):
           self.kernel, q, k, v, q_ctx=q_ctx, kv_ctx=kv_ctx, causal=causal,
           alibi_slopes=alibi, rel_bias=rel_bias, dropout_rate=self.dropout_rate,
           dropout_rng=dropout_rng, scale=self.query_scale,
-          prefix=prefix)  # [batch, q_len, heads, head_dim]
+          prefix=prefix, block_size=self.block_size)  # [batch, q_len, heads, head_dim]
     out = nn.with_logical_constraint(out, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))
-    return dense((emb,), (ax.HEADS, ax.HEAD_DIM, ax.EMBED), axis=(-2, -1),
-                 init_scale=self.value_init_scale, name='out')(out)
+    out = checkpoint_name(out, 'attention_out')
+    return checkpoint_name(dense((emb,), (ax.HEADS, ax.HEAD_DIM, ax.EMBED), axis=(-2, -1),
+                                 init_scale=self.value_init_scale, name='out')(out), 'out_proj')
 
   def _cache_var(self, name, shape, dtype, names):
     # Created (zeros) by the model's init_cache at the full decode length.

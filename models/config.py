@@ -77,6 +77,14 @@ class RematPolicy(enum.Enum):
   FULL = 'full'  # recompute the whole layer in the backward pass
   DOTS = 'dots'  # save matmul outputs, recompute the rest
   DOTS_NO_BATCH = 'dots_no_batch'  # save weight matmuls only (not attention)
+  # Named policies (jax.ad_checkpoint.checkpoint_name in models/attention.py and layers.py;
+  # MaxText's names for the same tensors in brackets):
+  MINIMAL = 'minimal'  # q/k/v projections, attention output, out projection, MLP input
+  #   projections and output [query_proj, key_proj, value_proj, context, out_proj, mlpwi_0,
+  #   mlpwi_1, mlpwo]: norms, RoPE, softmax and the MLP activation are recomputed
+  SAVE_QKV_PROJ = 'save_qkv_proj'  # q/k/v projections only [save_qkv_proj]
+  SAVE_OUT_PROJ = 'save_out_proj'  # attention output and out projection, MLP output
+  MINIMAL_OFFLOADED = 'minimal_offloaded'  # MINIMAL's tensors kept in host memory (GPU/TPU)
 
 
 class PeftMethod(enum.Enum):
@@ -222,6 +230,11 @@ class DecoderConfig:
   scan_layers: bool = True
   remat_policy: RematPolicy = RematPolicy.NONE
   attention_kernel: AttentionKernel = AttentionKernel.XLA
+  # The XLA kernel computes causal self-attention in blocks of this many query rows,
+  # skipping the fully masked blocks above the diagonal and keeping no [length,
+  # length] array for the backward pass (pallas_kernels/flash_attention/blockwise.py),
+  # when the length is a multiple of it and at least twice it; 0: never.
+  attention_block_size: int = 128
   # Mixture of experts: num_experts = 0 is a dense model. Layer i has an MoE
   # block in place of its MLP when (i + 1) % moe_layer_interval == 0 (2: every
   # other layer, as Switch and GLaM).
@@ -256,6 +269,9 @@ class DecoderConfig:
                   'mlp_dim', 'num_layers'):
       if int(getattr(self, field)) < 1:
         raise ConfigError(f'{name}.{field}={getattr(self, field)} must be at least 1')
+    if int(self.attention_block_size) < 0:
+      raise ConfigError(f'{name}.attention_block_size={self.attention_block_size} must be 0 '
+                        '(never blockwise) or a positive number of query rows')
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
           f'{name}.num_heads={self.num_heads} is not divisible by num_kv_heads='

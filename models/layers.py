@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
@@ -451,14 +452,18 @@ class MlpBlock(nn.Module):
                               param_dtype=self.param_dtype, init_scale=self.init_scale,
                               peft=self.peft, deterministic=self.deterministic)
     act = activation(self.kind, self.gelu_approximate)
+    # checkpoint_name: what the named rematerialisation policies save (transformer.py).
     if self.kind.gated:
-      h = act(dense((self.mlp_dim,), (ax.EMBED, ax.MLP), name='wi_0')(x))
-      h = h * dense((self.mlp_dim,), (ax.EMBED, ax.MLP), name='wi_1')(x)
+      h = act(checkpoint_name(dense((self.mlp_dim,), (ax.EMBED, ax.MLP), name='wi_0')(x),
+                              'mlp_wi_0'))
+      h = h * checkpoint_name(dense((self.mlp_dim,), (ax.EMBED, ax.MLP), name='wi_1')(x),
+                              'mlp_wi_1')
     else:
-      h = act(dense((self.mlp_dim,), (ax.EMBED, ax.MLP), name='wi')(x))
+      h = act(checkpoint_name(dense((self.mlp_dim,), (ax.EMBED, ax.MLP), name='wi')(x),
+                              'mlp_wi_0'))
     h = nn.with_logical_constraint(h, (ax.BATCH, ax.LENGTH, ax.MLP))  # [batch, length, mlp]
     h = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(h, deterministic=self.deterministic)
-    return dense((emb,), (ax.MLP, ax.EMBED), name='wo')(h)
+    return checkpoint_name(dense((emb,), (ax.MLP, ax.EMBED), name='wo')(h), 'mlp_out')
 
 
 class Adapter(nn.Module):

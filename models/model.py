@@ -135,7 +135,10 @@ class BaseModel(abc.ABC):
   def flops_per_example(self, feature_lengths: Mapping[str, int]) -> float:
     """Training FLOPs of one example (forward and backward)."""
     return param_count.train_flops_per_example(self.config, feature_lengths.get('inputs', 0),
-                                               feature_lengths['targets'])
+                                               feature_lengths['targets'], **self._flops_options())
+
+  def _flops_options(self) -> Dict[str, Any]:
+    return {}
 
   @property
   def needs_rng(self) -> bool:
@@ -326,6 +329,10 @@ class DecoderOnlyModel(BaseModel):
       raise cfg.ConfigError(f'DecoderOnlyModel.inputs_bidirectional_attention='
                             f'{inputs_bidirectional_attention!r} must be True, False or None')
     self.inputs_bidirectional_attention = inputs_bidirectional_attention
+
+  def _flops_options(self):
+    # The inputs are a bidirectional prefix unless the model ignores the batches' prefix marks.
+    return {'prefix_lm': self.inputs_bidirectional_attention is not False}
 
   def _module_inputs(self, batch):
     inputs = super()._module_inputs(batch)

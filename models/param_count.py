@@ -3,8 +3,15 @@
 `analytic_param_count` is derived from the layer definitions by hand (not by
 walking a parameter tree), so a test comparing it with the built model checks
 both. `flops_per_token` counts matmul FLOPs for training (forward + backward
-= 3x forward), the way PaLM's MFU does: every weight matmul plus attention's
-QK^T and AV over the full sequence.
+= 3x forward), the way PaLM's MFU does (Chowdhery et al., 2022, appendix B):
+every weight matmul plus attention's QK^T and AV, over the query-key pairs the
+mask leaves and no others. A causal sequence of T tokens has T (T + 1) / 2 such
+pairs, not T^2 (the masked half is no useful work, and the blockwise XLA path
+and the flash kernels do not compute it); a prefix-LM example of P input and T
+target tokens has P^2 + sum over targets of their visible keys; encoders and
+cross-attention see every key. (PaLM's 12 L H Q T writes the unmasked count;
+MaxText halves it for causal models, as here.) The console's MFU, the
+benchmarks and the sweeps all use this count.
 
 Mixture of experts: every `moe_layer_interval`-th layer of each stack has an
 MoE block in place of its MLP: `num_experts` bias-free expert MLPs of width
@@ -92,8 +99,10 @@ def analytic_param_count(c: cfg.DecoderConfig) -> int:
   return n
 
 
-def _forward_flops_per_token(c: cfg.DecoderConfig, attended: int, cross_attended: int = 0,
-                             cross: bool = False, layers: int = 0, logits: bool = True) -> int:
+def _forward_flops_per_token(c: cfg.DecoderConfig, attended: float, cross_attended: int = 0,
+                             cross: bool = False, layers: int = 0, logits: bool = True) -> float:
+  """Forward matmul FLOPs per token; `attended`: the mean number of keys a token's query
+  sees in self-attention."""
   d, h, kv, hd = c.emb_dim, c.num_heads, c.num_kv_heads, c.head_dim
   branches = 2 if c.mlp.gated else 1
   per_layer = 2 * (d * h * hd + 2 * d * kv * hd + h * hd * d)  # projections
@@ -126,18 +135,29 @@ def _moe_forward_flops(c: cfg.DecoderConfig) -> float:
   return used * 2 * (branches + 1) * d * m + router + shared
 
 
-def train_flops_per_example(c: cfg.DecoderConfig, inputs_length: int, targets_length: int) -> int:
-  """Training matmul FLOPs for one (unpacked, full-length) example."""
+def causal_pairs(length: int, prefix: int = 0) -> int:
+  """Query-key pairs a causal mask leaves over `length` tokens whose first `prefix`
+  tokens see each other bidirectionally (prefix LM): prefix^2 + sum_{t >= prefix} (t + 1)."""
+  return prefix * prefix + (length * (length + 1) - prefix * (prefix + 1)) // 2
+
+
+def train_flops_per_example(c: cfg.DecoderConfig, inputs_length: int, targets_length: int,
+                            prefix_lm: bool = True) -> int:
+  """Training matmul FLOPs for one (unpacked, full-length) example (see the module
+  docstring for the attention convention). A decoder-only model's inputs are a
+  bidirectional prefix unless `prefix_lm` is False (causal throughout)."""
   if isinstance(c, cfg.EncoderDecoderConfig):
     enc = inputs_length * _forward_flops_per_token(c, inputs_length, layers=c.num_encoder_layers,
                                                    logits=False)
     # key/value projections of the encoder output, per decoder layer
     enc += inputs_length * c.num_layers * 2 * 2 * c.emb_dim * c.num_kv_heads * c.head_dim
     dec = targets_length * _forward_flops_per_token(
-        c, targets_length, cross_attended=inputs_length, cross=True, layers=c.num_layers)
-    return 3 * (enc + dec)
+        c, causal_pairs(targets_length) / targets_length, cross_attended=inputs_length,
+        cross=True, layers=c.num_layers)
+    return int(round(3 * (enc + dec)))
   length = inputs_length + targets_length
-  return 3 * length * _forward_flops_per_token(c, length, layers=c.num_layers)
+  attended = causal_pairs(length, prefix=inputs_length if prefix_lm else 0) / length
+  return int(round(3 * length * _forward_flops_per_token(c, attended, layers=c.num_layers)))
 
 
 # --- accounting for sweeps, scaling laws and MFU ---------------------------------------
@@ -172,11 +192,12 @@ def active_param_count(c: cfg.DecoderConfig) -> int:
   return int(round(n - moe_layers * unused * expert))
 
 
-def attention_flops_per_token(c: cfg.DecoderConfig, length: int) -> int:
+def attention_flops_per_token(c: cfg.DecoderConfig, length: int) -> float:
   """Training FLOPs of the attention scores and their weighted sum (QK^T and AV) per token
-  of a decoder-only model over `length` tokens: 3 * 2 * 2 * layers * length * heads *
-  head_dim (PaLM's 12 L H Q T, counted over the whole sequence as PaLM's MFU does)."""
-  return 12 * c.num_layers * length * c.num_heads * c.head_dim
+  of a causal decoder-only model over `length` tokens: 3 * 2 * 2 * layers * heads *
+  head_dim * (length + 1) / 2 (PaLM's 12 L H Q T over the pairs the causal mask leaves,
+  T (T + 1) / 2 of them, instead of all T^2)."""
+  return 12 * c.num_layers * c.num_heads * c.head_dim * causal_pairs(length) / length
 
 
 def param_counts(c: cfg.DecoderConfig) -> dict:

@@ -26,10 +26,22 @@ from partitioning import axes as ax
 Array = jax.Array
 CACHE = 'cache'  # the decoding collection: per-layer keys and values (attention.py)
 
+# The checkpoint_name tags the layers put on their tensors (see RematPolicy).
+MINIMAL_NAMES = ('query_proj', 'key_proj', 'value_proj', 'attention_out', 'out_proj',
+                 'mlp_wi_0', 'mlp_wi_1', 'mlp_out')
+_POLICIES = jax.checkpoint_policies
 _REMAT_POLICIES = {
     cfg.RematPolicy.FULL: None,  # save nothing
-    cfg.RematPolicy.DOTS: jax.checkpoint_policies.checkpoint_dots,
-    cfg.RematPolicy.DOTS_NO_BATCH: jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    cfg.RematPolicy.DOTS: _POLICIES.checkpoint_dots,
+    cfg.RematPolicy.DOTS_NO_BATCH: _POLICIES.checkpoint_dots_with_no_batch_dims,
+    cfg.RematPolicy.MINIMAL: _POLICIES.save_only_these_names(*MINIMAL_NAMES),
+    cfg.RematPolicy.SAVE_QKV_PROJ: _POLICIES.save_only_these_names(
+        'query_proj', 'key_proj', 'value_proj'),
+    cfg.RematPolicy.SAVE_OUT_PROJ: _POLICIES.save_only_these_names(
+        'attention_out', 'out_proj', 'mlp_out'),
+    cfg.RematPolicy.MINIMAL_OFFLOADED: _POLICIES.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=list(MINIMAL_NAMES),
+        offload_src='device', offload_dst='pinned_host'),
 }
 
 
@@ -84,7 +96,7 @@ class TransformerLayer(nn.Module):
     make_attention = functools.partial(
         attn.MultiHeadAttention, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
         head_dim=c.head_dim, rope=rope(c), query_scale=c.query_scale,
-        kernel=c.attention_kernel,
+        kernel=c.attention_kernel, block_size=c.attention_block_size,
         use_bias=c.use_bias if c.attention_bias is None else c.attention_bias,
         dropout_rate=c.dropout_rate,
         deterministic=self.deterministic, dtype=c.compute_dtype, param_dtype=c.params_dtype,

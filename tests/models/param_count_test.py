@@ -26,11 +26,12 @@ def test_exact_flops_equal_a_hand_count():
       'wi_0 [32 -> 64]': 2 * 32 * 64,
       'wi_1 [32 -> 64]': 2 * 32 * 64,
       'wo [64 -> 32]': 2 * 64 * 32,
-      'QK^T (16 keys, 4 heads of 8)': 2 * length * 4 * 8,
-      'AV (16 values, 4 heads of 8)': 2 * length * 4 * 8,
+      # causal: the mean query sees (16 + 1) / 2 keys (16 * 17 / 2 pairs over 16 tokens)
+      'QK^T (8.5 keys, 4 heads of 8)': 2 * 8.5 * 4 * 8,
+      'AV (8.5 values, 4 heads of 8)': 2 * 8.5 * 4 * 8,
   }
   forward = 2 * sum(per_layer.values()) + 2 * 32 * 256  # + logits_dense [32 -> 256]
-  assert forward == 57344
+  assert forward == 57344 - 2 * 2 * 2 * 7.5 * 4 * 8  # 7.5 masked keys per token fewer
   acc = param_count.accounting(c, 0, length)
   assert acc['flops_per_token'] == 3 * forward  # backward = 2 x forward
   # The 6N approximation: N = the non-embedding parameters (the layers and the final norm).
@@ -41,7 +42,7 @@ def test_exact_flops_equal_a_hand_count():
   # What 6N leaves out: attention (PaLM's 12 L H Q T), the output layer's 6 d V, and it
   # counts the norms, which are no matmul.
   attention = param_count.attention_flops_per_token(c, length)
-  assert attention == 12 * 2 * 4 * 8 * length
+  assert attention == 12 * 2 * 4 * 8 * (length + 1) / 2
   assert acc['flops_per_token'] == 6 * n + attention + 6 * 32 * 256 - 6 * norms
 
 
@@ -72,3 +73,23 @@ def test_parameter_counts_agree_with_the_built_model(overrides):
     e = x.shape[-3]
     unused += size(x) // e * (e - c.num_experts_per_token)
   assert acc['active_params'] == total - unused
+
+
+def test_attention_counts_only_the_pairs_the_mask_leaves():
+  """Causal: T (T + 1) / 2 pairs; prefix LM: P^2 + the targets' visible keys; an
+  encoder-decoder's encoder and cross-attention see every key."""
+  assert param_count.causal_pairs(4) == 1 + 2 + 3 + 4
+  assert param_count.causal_pairs(5, prefix=2) == 4 + 3 + 4 + 5
+  c = cfg.DecoderConfig(**HAND)
+  per_pair = 3 * 2 * 2 * c.num_layers * c.num_heads * c.head_dim  # QK^T + AV, train
+  base = param_count.train_flops_per_example(c, 0, 16) - per_pair * 136
+  # The same 24 tokens as a causal LM, and as a prefix LM of 8 inputs: only attention differs.
+  causal = param_count.train_flops_per_example(c, 8, 16, prefix_lm=False)
+  prefix = param_count.train_flops_per_example(c, 8, 16)
+  assert causal - prefix == per_pair * (param_count.causal_pairs(24) -
+                                        param_count.causal_pairs(24, prefix=8))
+  assert prefix - causal == per_pair * (64 - 36)
+  assert base == param_count.train_flops_per_example(c, 0, 16) - per_pair * 16 * 17 // 2
+  lm = model_lib.DecoderOnlyModel(c, inputs_bidirectional_attention=False)
+  assert lm.flops_per_example({'inputs': 8, 'targets': 16}) == causal
+  assert model_lib.DecoderOnlyModel(c).flops_per_example({'inputs': 8, 'targets': 16}) == prefix

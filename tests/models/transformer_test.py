@@ -1,4 +1,6 @@
-"""Model-level equivalences: scan == unrolled, packed == unpacked, GQA == MHA."""
+"""Model-level equivalences: scan == unrolled, packed == unpacked, GQA == MHA, remat == none."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -227,3 +229,58 @@ def test_invalid_configs_fail_with_one_line():
   c = cfg.DecoderConfig(position_encoding='learned', max_length=128)
   with pytest.raises(cfg.ConfigError, match='longer than DecoderConfig.max_length=128'):
     c.check_length(256)
+
+
+_OFFLOAD = {cfg.RematPolicy.MINIMAL_OFFLOADED}
+
+
+@pytest.mark.parametrize('encdec', [False, True])
+def test_remat_policies_change_nothing(encdec):
+  """Every rematerialisation policy gives the loss and gradients of no remat (scanned,
+  packed, with the blockwise causal attention in the decoder)."""
+  make = tu.tiny_encdec if encdec else tu.tiny_decoder
+  cls = model_lib.EncoderDecoderModel if encdec else model_lib.DecoderOnlyModel
+  lengths = {'inputs': 12, 'targets': 32} if encdec else {'targets': 32}
+  base = cls(make(scan_layers=True, attention_block_size=8))
+  batch = tu.random_batch(base, 2, lengths, packed=True)
+  params = tu.init_params(base, batch)
+
+  def loss_and_grad(policy):
+    model = cls(make(scan_layers=True, attention_block_size=8, remat_policy=policy))
+    def loss(p):
+      l, metrics = model.loss_fn(p, batch)
+      return l / metrics['loss'].weight
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  l0, g0 = loss_and_grad('none')
+  on_cpu = jax.devices()[0].platform == 'cpu'
+  for policy in cfg.RematPolicy:
+    if policy == cfg.RematPolicy.NONE or (on_cpu and policy in _OFFLOAD):
+      continue  # (host offloading needs a GPU/TPU: its device and host memories differ)
+    l1, g1 = loss_and_grad(policy.value)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6, err_msg=policy.value)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=policy.value)
+
+
+def test_named_policies_save_what_they_name():
+  """The named policies keep exactly their tensors for the backward pass (what makes
+  them cheaper in memory): a jaxpr of the rematerialised layer saves the named values."""
+  from jax.ad_checkpoint import print_saved_residuals  # pylint: disable=g-import-not-at-top
+  import io, contextlib  # pylint: disable=g-import-not-at-top,multiple-imports
+  def saved(policy):
+    model = model_lib.DecoderOnlyModel(tu.tiny_decoder(scan_layers=False, num_layers=1,
+                                                       remat_policy=policy))
+    batch = tu.random_batch(model, 2, {'targets': 16}, packed=False)
+    params = tu.init_params(model, batch)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      print_saved_residuals(lambda p: model.loss_fn(p, batch)[0], params)
+    return out.getvalue()
+  def names(text):
+    return set(re.findall(r"named '([a-z_0-9]+)'", text))
+  # (mlp_out's only use, the residual add, needs nothing for its backward pass)
+  assert names(saved('minimal')) == set(transformer.MINIMAL_NAMES) - {'mlp_out'}
+  assert names(saved('save_qkv_proj')) == {'query_proj', 'key_proj', 'value_proj'}
+  assert names(saved('save_out_proj')) == {'attention_out', 'out_proj'}
+  assert not names(saved('full'))

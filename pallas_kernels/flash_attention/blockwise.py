@@ -1,0 +1,155 @@
+"""Causal self-attention in blocks, in plain jnp: what the XLA path runs for long causal inputs.
+
+`xla.attention` materialises every [q_len, kv_len] logit and keeps the softmax
+for the backward pass. For causal self-attention this module splits the queries
+into blocks of `block` rows; block i attends only to keys [0, (i + 1) * block),
+so the blocks above the diagonal, where every logit is masked, are never
+computed (about half the logits at long lengths: (n + 1) / 2n of them for n
+blocks). Its backward pass is written out (a custom VJP, as in flash
+attention): the forward saves only the output and the per-row log-sum-exp, and
+the backward recomputes each block's probabilities from them, so no
+[length, length] array outlives the layer. Everything accumulates in f32.
+
+The mask is `xla.attention_mask`'s (key position <= query position, equal
+segment ids) and also key index <= query index: the two agree whenever positions
+increase along each segment, as they do in every batch the data pipeline makes
+(packed or not) and in a full forward. `eligible()` says when the XLA path uses
+this (`models/attention.py`): causal self-attention of at least two blocks,
+without prefix-LM flags, position biases, attention dropout or prefix-tuning
+keys; anything else takes `xla.attention`. Equivalence with `xla.attention`
+(values and gradients, packed and GQA) is tested in
+tests/pallas_kernels/flash_attention/blockwise_test.py.
+"""
+
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+BLOCK = 128  # query rows per block (measured on the 2-core CPU: docs/benchmarks.md)
+
+
+def eligible(q_len: int, kv_len: int, *, causal: bool, block: int = BLOCK,
+             has_prefix: bool = False, has_bias: bool = False, dropout: bool = False,
+             has_prefix_kv: bool = False) -> bool:
+  """Whether `attention` computes this case (else `xla.attention` does)."""
+  return (causal and q_len == kv_len and block > 0 and q_len % block == 0
+          and q_len >= 2 * block and not (has_prefix or has_bias or dropout or has_prefix_kv))
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+              q_segment_ids: Optional[jax.Array] = None,
+              kv_segment_ids: Optional[jax.Array] = None,
+              q_positions: Optional[jax.Array] = None,
+              kv_positions: Optional[jax.Array] = None,
+              scale: Optional[float] = None, block: int = BLOCK) -> jax.Array:
+  """Causal self-attention; q [batch, len, heads, head_dim], k/v [batch, len, kv_heads, head_dim].
+
+  Returns [batch, len, heads, head_dim] in q's dtype (see the module docstring
+  for the mask).
+  """
+  batch, length, heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  if heads % kv_heads:
+    raise ValueError(f'heads={heads} is not divisible by kv_heads={kv_heads}')
+  if not eligible(length, k.shape[1], causal=True, block=block):
+    raise ValueError(f'blockwise attention needs self-attention over a multiple of {block} '
+                     f'tokens (at least 2 blocks); got q {length}, kv {k.shape[1]}')
+  scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+  arange = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  qp = arange if q_positions is None else q_positions.astype(jnp.int32)
+  kp = arange if kv_positions is None else kv_positions.astype(jnp.int32)
+  qs = None if q_segment_ids is None else q_segment_ids.astype(jnp.int32)
+  ks = None if qs is None else (qs if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32))
+  return _attention(q, k, v, qp, kp, qs, ks, scale, block)
+
+
+def _mask(i: int, block: int, qp, kp, qs, ks):
+  """[batch, 1, 1, block, end] allowed pairs of query block i (keys [0, end))."""
+  end = (i + 1) * block
+  q_pos = qp[:, i * block:end, None]
+  k_pos = kp[:, None, :end]
+  rows = jnp.arange(i * block, end, dtype=jnp.int32)[:, None]
+  cols = jnp.arange(end, dtype=jnp.int32)[None, :]
+  mask = (k_pos <= q_pos) & (cols <= rows)[None]
+  if qs is not None:
+    mask = mask & (qs[:, i * block:end, None] == ks[:, None, :end])
+  return mask[:, None, None]
+
+
+def _logits(q_blk, k, i, block, scale):
+  """[batch, kv_heads, groups, block, end] f32 scaled logits of query block i."""
+  end = (i + 1) * block
+  return jnp.einsum('bqhgd,bkhd->bhgqk', q_blk, k[:, :end],
+                    preferred_element_type=jnp.float32) * scale
+
+
+def _forward(q, k, v, qp, kp, qs, ks, scale, block):
+  batch, length, heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  groups = heads // kv_heads
+  qg = q.reshape(batch, length, kv_heads, groups, head_dim)
+  outs, lses = [], []
+  for i in range(length // block):
+    end = (i + 1) * block
+    s = _logits(qg[:, i * block:end], k, i, block, scale)
+    s = jnp.where(_mask(i, block, qp, kp, qs, ks), s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)  # finite: a query always sees itself
+    p = jnp.exp(s - m)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum('bhgqk,bkhd->bqhgd', p.astype(v.dtype), v[:, :end],
+                   preferred_element_type=jnp.float32)
+    # [batch, kv_heads, groups, block] -> the output's [batch, block, kv_heads, groups, 1]
+    inv = jnp.transpose(1.0 / denom[..., 0], (0, 3, 1, 2))[..., None]
+    outs.append(o * inv)
+    lses.append((m + jnp.log(denom))[..., 0])
+  out = jnp.concatenate(outs, axis=1).reshape(batch, length, heads, head_dim).astype(q.dtype)
+  return out, jnp.concatenate(lses, axis=-1)  # lse [batch, kv_heads, groups, length]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _attention(q, k, v, qp, kp, qs, ks, scale, block):
+  return _forward(q, k, v, qp, kp, qs, ks, scale, block)[0]
+
+
+def _attention_fwd(q, k, v, qp, kp, qs, ks, scale, block):
+  out, lse = _forward(q, k, v, qp, kp, qs, ks, scale, block)
+  return out, (q, k, v, qp, kp, qs, ks, out, lse)
+
+
+def _attention_bwd(scale, block, res, d_out):
+  q, k, v, qp, kp, qs, ks, out, lse = res
+  batch, length, heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  groups = heads // kv_heads
+  qg = q.reshape(batch, length, kv_heads, groups, head_dim)
+  dog = d_out.reshape(batch, length, kv_heads, groups, head_dim)
+  # delta = rowsum(dO * O) [batch, kv_heads, groups, length]
+  delta = jnp.einsum('bqhgd,bqhgd->bhgq', dog.astype(jnp.float32),
+                     out.reshape(qg.shape).astype(jnp.float32))
+  dq_blocks = []
+  dk = jnp.zeros(k.shape, jnp.float32)
+  dv = jnp.zeros(v.shape, jnp.float32)
+  for i in range(length // block):
+    start, end = i * block, (i + 1) * block
+    s = _logits(qg[:, start:end], k, i, block, scale)
+    s = jnp.where(_mask(i, block, qp, kp, qs, ks), s, -jnp.inf)
+    p = jnp.exp(s - lse[..., start:end, None])
+    do_blk = dog[:, start:end]
+    dv = dv.at[:, :end].add(jnp.einsum('bhgqk,bqhgd->bkhd', p.astype(v.dtype), do_blk,
+                                       preferred_element_type=jnp.float32))
+    dp = jnp.einsum('bqhgd,bkhd->bhgqk', do_blk, v[:, :end], preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[..., start:end, None]) * scale
+    dq_blocks.append(jnp.einsum('bhgqk,bkhd->bqhgd', ds.astype(k.dtype), k[:, :end],
+                                preferred_element_type=jnp.float32))
+    dk = dk.at[:, :end].add(jnp.einsum('bhgqk,bqhgd->bkhd', ds.astype(q.dtype), qg[:, start:end],
+                                       preferred_element_type=jnp.float32))
+  dq = jnp.concatenate(dq_blocks, axis=1).reshape(q.shape)
+  zeros = lambda x: None if x is None else jnp.zeros(x.shape, jax.dtypes.float0)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+          zeros(qp), zeros(kp), zeros(qs), zeros(ks))
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
