@@ -235,6 +235,11 @@ class DecoderConfig:
   # length] array for the backward pass (pallas_kernels/flash_attention/blockwise.py),
   # when the length is a multiple of it and at least twice it; 0: never.
   attention_block_size: int = 128
+  # Decoder-only training applies the output layer and the cross-entropy together over
+  # slices of this many positions, recomputing each slice's logits in the backward pass
+  # (models/losses.py: chunked_head_cross_entropy), when the length is a multiple of it
+  # and at least twice it and no PEFT method is on; 0: full logits.
+  loss_chunk_length: int = 128
   # Mixture of experts: num_experts = 0 is a dense model. Layer i has an MoE
   # block in place of its MLP when (i + 1) % moe_layer_interval == 0 (2: every
   # other layer, as Switch and GLaM).
@@ -269,6 +274,9 @@ class DecoderConfig:
                   'mlp_dim', 'num_layers'):
       if int(getattr(self, field)) < 1:
         raise ConfigError(f'{name}.{field}={getattr(self, field)} must be at least 1')
+    if int(self.loss_chunk_length) < 0:
+      raise ConfigError(f'{name}.loss_chunk_length={self.loss_chunk_length} must be 0 '
+                        '(full logits) or a positive number of positions')
     if int(self.attention_block_size) < 0:
       raise ConfigError(f'{name}.attention_block_size={self.attention_block_size} must be 0 '
                         '(never blockwise) or a positive number of query rows')

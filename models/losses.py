@@ -83,3 +83,92 @@ def _cross_entropy_bwd(z_loss, label_smoothing, res, cotangents):
 
 
 _cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
+def chunked_head_cross_entropy(x: jax.Array, kernel: jax.Array, targets: jax.Array, *,
+                               chunk: int, scale: float = 1.0, z_loss: float = 0.0,
+                               label_smoothing: float = 0.0
+                               ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """The output layer and `cross_entropy_with_logits` fused, `chunk` positions at a time.
+
+  x [batch, length, embed] (the final hidden states, in the compute dtype), kernel
+  [embed, vocab] (cast to x's dtype, as the output layer does), targets [batch, length].
+  logits = (x @ kernel) * scale in f32 exist for one [batch, chunk, vocab] slice at a
+  time, forward and backward (the backward recomputes each slice's logits), so the
+  [batch, length, vocab] logits and their gradient are never in memory at once: the
+  largest activation of a large-vocabulary model's step.
+
+  Returns (loss, z_loss term, correct), each [batch, length] f32: the first two as
+  `cross_entropy_with_logits`, `correct` = 1.0 where the arg-max logit is the target
+  (no gradient). `length` must be a multiple of `chunk`.
+  """
+  batch, length, _ = x.shape
+  if chunk <= 0 or length % chunk:
+    raise ValueError(f'chunked_head_cross_entropy: length {length} is not a multiple of '
+                     f'chunk {chunk}')
+  loss, z, correct = _head_ce(x, kernel.astype(x.dtype), targets.astype(jnp.int32), chunk,
+                              float(scale), float(z_loss), float(label_smoothing))
+  return loss, z, jax.lax.stop_gradient(correct)
+
+
+def _chunks(a: jax.Array, chunk: int) -> jax.Array:
+  """[batch, length, ...] -> [length // chunk, batch, chunk, ...] (the scanned axis first)."""
+  batch, length = a.shape[:2]
+  return jnp.swapaxes(a.reshape(batch, length // chunk, chunk, *a.shape[2:]), 0, 1)
+
+
+def _unchunk(a: jax.Array) -> jax.Array:
+  n, batch, chunk = a.shape[:3]
+  return jnp.swapaxes(a, 0, 1).reshape(batch, n * chunk, *a.shape[3:])
+
+
+def _chunk_logits(x_c, kernel, scale):
+  logits = jax.lax.dot_general(x_c, kernel, (((2,), (0,)), ((), ()))).astype(jnp.float32)
+  return logits * scale if scale != 1.0 else logits
+
+
+def _head_forward(x, kernel, targets, chunk, scale, z_loss, label_smoothing):
+  def body(_, xs):
+    x_c, t_c = xs
+    logits = _chunk_logits(x_c, kernel, scale)
+    (loss, z), log_z = _forward(logits, t_c, z_loss, label_smoothing)
+    correct = (jnp.argmax(logits, -1) == t_c).astype(jnp.float32)
+    return None, (loss, z, correct, log_z)
+  _, outs = jax.lax.scan(body, None, (_chunks(x, chunk), _chunks(targets, chunk)))
+  return tuple(_unchunk(o) for o in outs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _head_ce(x, kernel, targets, chunk, scale, z_loss, label_smoothing):
+  return _head_forward(x, kernel, targets, chunk, scale, z_loss, label_smoothing)[:3]
+
+
+def _head_ce_fwd(x, kernel, targets, chunk, scale, z_loss, label_smoothing):
+  loss, z, correct, log_z = _head_forward(x, kernel, targets, chunk, scale, z_loss,
+                                          label_smoothing)
+  return (loss, z, correct), (x, kernel, targets, log_z)
+
+
+def _head_ce_bwd(chunk, scale, z_loss, label_smoothing, res, cotangents):
+  x, kernel, targets, log_z = res
+  d_total, d_z, _ = cotangents
+
+  def body(d_kernel, xs):
+    x_c, t_c, lz_c, dt_c, dz_c = xs
+    logits = _chunk_logits(x_c, kernel, scale)
+    d_logits, _ = _cross_entropy_bwd(z_loss, label_smoothing, (logits, t_c, lz_c), (dt_c, dz_c))
+    d_logits = (d_logits * scale if scale != 1.0 else d_logits).astype(x.dtype)
+    dx_c = jax.lax.dot_general(d_logits, kernel, (((2,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+    d_kernel = d_kernel + jax.lax.dot_general(x_c, d_logits, (((0, 1), (0, 1)), ((), ())),
+                                              preferred_element_type=jnp.float32)
+    return d_kernel, dx_c.astype(x.dtype)
+
+  d_kernel, dx = jax.lax.scan(
+      body, jnp.zeros(kernel.shape, jnp.float32),
+      tuple(_chunks(a, chunk) for a in (x, targets, log_z, d_total, d_z)))
+  return (_unchunk(dx), d_kernel.astype(kernel.dtype),
+          np.zeros(targets.shape, jax.dtypes.float0))
+
+
+_head_ce.defvjp(_head_ce_fwd, _head_ce_bwd)

@@ -11,6 +11,7 @@ import abc
 import copy
 import dataclasses
 import functools
+import math
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
@@ -147,13 +148,14 @@ class BaseModel(abc.ABC):
     return (c.dropout_rate > 0.0 or (c.num_experts > 0 and c.router_jitter > 0.0) or
             (c.peft is not None and c.peft.method == cfg.PeftMethod.LORA and c.peft.dropout > 0))
 
-  def apply_with_stats(self, params, batch: Batch, dropout_rng: Optional[Array] = None
-                       ) -> Tuple[Array, Dict[str, Array]]:
+  def apply_with_stats(self, params, batch: Batch, dropout_rng: Optional[Array] = None,
+                       **call_kwargs) -> Tuple[Array, Dict[str, Array]]:
     """Logits [batch, length, vocab] (f32) and the MoE router statistics:
-    name -> [num_moe_layers] f32 (empty for a dense model)."""
-    module, kwargs = self.module, {}
+    name -> [num_moe_layers] f32 (empty for a dense model). `call_kwargs` go to
+    the module's __call__ (e.g. hidden_only)."""
+    module, kwargs = self.module, dict(call_kwargs)
     if dropout_rng is not None:
-      module, kwargs = self._train_module, {'rngs': {'dropout': dropout_rng}}
+      module, kwargs = self._train_module, {'rngs': {'dropout': dropout_rng}, **call_kwargs}
     if not self.config.num_experts:
       return module.apply({'params': params}, **self._module_inputs(batch), **kwargs), {}
     logits, state = module.apply({'params': params}, **self._module_inputs(batch),
@@ -166,14 +168,19 @@ class BaseModel(abc.ABC):
 
   def per_token_loss(self, params, batch: Batch, dropout_rng=None) -> Tuple[Array, Array, Array]:
     """(loss, z_loss term, logits): loss and z-term [batch, length], unweighted."""
-    loss, z, logits, _ = self._per_token_loss_and_stats(params, batch, dropout_rng)
+    logits, _ = self.apply_with_stats(params, batch, dropout_rng)
+    loss, z = losses.cross_entropy_with_logits(
+        logits, batch['decoder_target_tokens'], self.z_loss, self.label_smoothing)
     return loss, z, logits
 
-  def _per_token_loss_and_stats(self, params, batch, dropout_rng):
+  def _loss_terms(self, params, batch, dropout_rng):
+    """(loss, z-term, correct, router stats): the first three [batch, length] f32,
+    `correct` 1.0 where the arg-max prediction is the target."""
     logits, stats = self.apply_with_stats(params, batch, dropout_rng)
     loss, z = losses.cross_entropy_with_logits(
         logits, batch['decoder_target_tokens'], self.z_loss, self.label_smoothing)
-    return loss, z, logits, stats
+    correct = (jnp.argmax(logits, -1) == batch['decoder_target_tokens']).astype(jnp.float32)
+    return loss, z, correct, stats
 
   def moe_loss(self, stats: Mapping[str, Array]) -> Array:
     """The weighted router losses, summed over MoE layers (0 for a dense model)."""
@@ -205,10 +212,9 @@ class BaseModel(abc.ABC):
       `z_loss` and `moe_loss` are its parts, `perplexity` is exp(cross_entropy),
       `moe/<stat>/<layer>` the router statistics of each MoE layer.
     """
-    loss, z, logits, stats = self._per_token_loss_and_stats(params, batch, dropout_rng)
+    loss, z, correct, stats = self._loss_terms(params, batch, dropout_rng)
     ce = loss - z  # [batch, length]
     weights = batch['decoder_loss_weights'].astype(jnp.float32)
-    correct = (jnp.argmax(logits, -1) == batch['decoder_target_tokens']).astype(jnp.float32)
     weight_sum = jnp.sum(weights)
     # Router losses are per batch, not per token: scaled by the weight sum so
     # that merged microbatches average them like the token losses.
@@ -333,6 +339,33 @@ class DecoderOnlyModel(BaseModel):
   def _flops_options(self):
     # The inputs are a bidirectional prefix unless the model ignores the batches' prefix marks.
     return {'prefix_lm': self.inputs_bidirectional_attention is not False}
+
+  def _head_chunk(self, batch: Batch) -> int:
+    """Positions per slice of the fused output layer + loss (0: the plain path)."""
+    c = self.config
+    length = batch['decoder_target_tokens'].shape[1]
+    chunk = c.loss_chunk_length
+    if chunk <= 0 or length % chunk or length < 2 * chunk or c.peft is not None:
+      return 0
+    return chunk
+
+  def _loss_terms(self, params, batch, dropout_rng):
+    # The output layer and cross-entropy fused over slices of `loss_chunk_length` positions
+    # (losses.chunked_head_cross_entropy): no [batch, length, vocab] logits in memory.
+    chunk = self._head_chunk(batch)
+    if not chunk:
+      return super()._loss_terms(params, batch, dropout_rng)
+    c = self.config
+    x, stats = self.apply_with_stats(params, batch, dropout_rng, hidden_only=True)
+    if c.tie_embeddings:
+      kernel = nn.meta.unbox(params['token_embedder']['embedding']).T
+      scale = 1.0 / math.sqrt(c.emb_dim) if c.scale_tied_logits else 1.0
+    else:
+      kernel, scale = nn.meta.unbox(params['decoder']['logits_dense']['kernel']), 1.0
+    loss, z, correct = losses.chunked_head_cross_entropy(
+        x, kernel, batch['decoder_target_tokens'], chunk=chunk, scale=scale,
+        z_loss=self.z_loss, label_smoothing=self.label_smoothing)
+    return loss, z, correct, stats
 
   def _module_inputs(self, batch):
     inputs = super()._module_inputs(batch)

@@ -294,7 +294,10 @@ class Decoder(_StackIO):
 
   @nn.compact
   def __call__(self, tokens: Array, ctx: attn.Context, encoded: Optional[Array] = None,
-               enc_ctx: Optional[attn.Context] = None) -> Array:
+               enc_ctx: Optional[attn.Context] = None, hidden_only: bool = False) -> Array:
+    """hidden_only: return the final hidden states [batch, length, embed] (compute dtype)
+    instead of the logits, for a loss that applies the output layer itself
+    (losses.chunked_head_cross_entropy); not while initializing."""
     c = self.config
     alpha, beta = deepnorm_constants(self.num_encoder_layers, c.num_layers, encoder=False)
     x = self.embed(tokens, ctx)
@@ -309,6 +312,8 @@ class Decoder(_StackIO):
     x = self.final_norm(x, 'decoder_norm')
     if n and ctx.decode != 'step':
       x = x[:, n:]  # the soft prompt's positions predict nothing
+    if hidden_only and not self.is_initializing():
+      return x
     if self.reward_head:
       w = self.param('reward_head', nn.with_logical_partitioning(
           nn.initializers.zeros_init(), (ax.EMBED,)), (c.emb_dim,), c.params_dtype)
@@ -391,8 +396,10 @@ class DecoderOnly(nn.Module):
   def __call__(self, decoder_input_tokens: Array, decoder_target_tokens: Optional[Array] = None,
                decoder_positions: Optional[Array] = None,
                decoder_segment_ids: Optional[Array] = None,
-               decoder_causal_attention: Optional[Array] = None, decode: str = '') -> Array:
-    """Returns logits [batch, length, vocab] (f32).
+               decoder_causal_attention: Optional[Array] = None, decode: str = '',
+               hidden_only: bool = False) -> Array:
+    """Returns logits [batch, length, vocab] (f32) (hidden_only: the final hidden states,
+    see Decoder).
 
     `decode` ('prefill' or 'step', with the `cache` collection mutable) runs
     against the key/value cache (`Context.decode`); positions and segment ids
@@ -402,7 +409,8 @@ class DecoderOnly(nn.Module):
     ctx = _context(decoder_input_tokens, decoder_positions, decoder_segment_ids,
                    decoder_causal_attention, valid, decode)
     return Decoder(self.config, _embedder(self.config), deterministic=self.deterministic,
-                   reward_head=self.reward_head, name='decoder')(decoder_input_tokens, ctx)
+                   reward_head=self.reward_head, name='decoder')(decoder_input_tokens, ctx,
+                                                                 hidden_only=hidden_only)
 
 
 class EncoderDecoder(nn.Module):

@@ -41,6 +41,13 @@ import time
 from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from t5x_like import xla_env  # pylint: disable=wrong-import-position
+
+# This process measures the matmul peak (MFU's denominator) with the XLA options the
+# training process runs with, so both find the same cached value.
+os.environ.pop('XLA_FLAGS', None)
+xla_env.apply()
 SHAPES = {512: 8, 2048: 2}  # sequence length -> batch size
 MAXTEXT_SHAPE = ('base_emb_dim=384', 'base_num_query_heads=6', 'base_num_kv_heads=6',
                  'base_mlp_dim=1536', 'base_num_decoder_layers=6', 'head_dim=64',
@@ -52,6 +59,7 @@ INSTALL = ('MaxText is not installed: python3.12 -m venv ~/maxtext-venv && '
            'pillow tiktoken sentencepiece sympy ml-collections; then pass '
            '--maxtext_python ~/maxtext-venv/bin/python')
 _OURS_STEP = re.compile(r'^train step\s+(\d+)/')
+_OURS_MFU = re.compile(r'\| MFU ([0-9.]+)%')
 _MAXTEXT_STEP = re.compile(r'completed step: (\d+)')
 
 
@@ -68,9 +76,11 @@ def run(cmd: List[str], env: Dict[str, str], step_re, tokens: int, skip: int,
   start = time.monotonic()
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1)
-  marks, lines = [], []  # (wall seconds since launch, CPU seconds) at each step line
+  marks, lines, mfus = [], [], []  # (wall seconds since launch, CPU seconds) at each step line
   for line in proc.stdout:
     lines.append(line)
+    if _OURS_MFU.search(line):
+      mfus.append(float(_OURS_MFU.search(line).group(1)) / 100)
     if step_re.search(line):
       try:
         cpu = _cpu_seconds(proc.pid)
@@ -90,7 +100,8 @@ def run(cmd: List[str], env: Dict[str, str], step_re, tokens: int, skip: int,
           'cpu_per_step': statistics.median(cpu),
           'step_s': statistics.median(gaps),
           'rss_gib': usage.ru_maxrss / 2**20,
-          'first_step_s': marks[0][0]}
+          'first_step_s': marks[0][0],
+          'console_mfu': statistics.median(mfus[skip + 1:]) if len(mfus) > skip + 1 else None}
 
 
 def ours_cmd(length: int, batch: int, steps: int, model_dir: str, extra: List[str]):
@@ -109,6 +120,19 @@ def maxtext_cmd(python: str, length: int, batch: int, steps: int, out: str):
           'enable_checkpointing=False', f'per_device_batch_size={batch}',
           f'max_target_length={length}', f'steps={steps}', f'base_output_directory={out}',
           *MAXTEXT_SHAPE]
+
+
+def _flops_per_token(length: int, extra: List[str]) -> float:
+  from t5x_like import gin_utils  # pylint: disable=g-import-not-at-top
+  bindings = [a[len('--gin.'):].replace('=', ' = ', 1) for a in extra]
+  model = gin_utils.model_from_gin(['runs/bench_maxtext.gin'], bindings)
+  return model.flops_per_example({'targets': length}) / length
+
+
+def _peak() -> float:
+  import jax  # pylint: disable=g-import-not-at-top
+  from t5x_like import utils  # pylint: disable=g-import-not-at-top
+  return utils.measured_matmul_peak('float32') * jax.device_count()
 
 
 def clean_env(**extra) -> Dict[str, str]:
@@ -169,23 +193,38 @@ def main(argv=None):
               f'{m["cpu_per_step"]:5.1f} CPU s/step  {m["rss_gib"]:.2f} GiB  first step '
               f'{m["first_step_s"]:.1f} s', flush=True)
 
+  # MFU of both sides by one count (ours: models/param_count.py, only the query-key pairs
+  # the causal mask leaves) and one peak (utils.measured_matmul_peak, as the console).
+  flops_token = {length: _flops_per_token(length, extra) for length in args.lengths}
+  peak = _peak()
+  for (side, length), ms in results.items():
+    for m in ms:
+      m['mfu'] = m['tokens_per_s'] * flops_token[length] / peak
   rows = []
   for length in args.lengths:
     med = {side: {k: statistics.median(m[k] for m in results[(side, length)])
-                  for k in ('tokens_per_s', 'cpu_per_step', 'rss_gib', 'first_step_s')}
+                  for k in ('tokens_per_s', 'cpu_per_step', 'rss_gib', 'first_step_s', 'mfu')}
            for side in ('ours', 'maxtext') if results[(side, length)]}
+    consoles = [m['console_mfu'] for m in results[('ours', length)] if m['console_mfu']]
     shape = f'{SHAPES[length]} x {length}'
     for side, m in med.items():
-      rows.append(f'| {shape} | {side} | {m["tokens_per_s"]:,.0f} | {m["cpu_per_step"]:.1f} | '
-                  f'{m["rss_gib"]:.2f} | {m["first_step_s"]:.1f} |')
+      console = (f' (console {100 * statistics.median(consoles):.1f}%)'
+                 if side == 'ours' and consoles else '')
+      rows.append(f'| {shape} | {side} | {m["tokens_per_s"]:,.0f} | {100 * m["mfu"]:.1f}%'
+                  f'{console} | {m["cpu_per_step"]:.1f} | {m["rss_gib"]:.2f} | '
+                  f'{m["first_step_s"]:.1f} |')
     if len(med) == 2:
       o, t = med['ours'], med['maxtext']
       rows.append(f'| {shape} | **ours / MaxText** | **{o["tokens_per_s"] / t["tokens_per_s"]:.2f}x**'
-                  f' | {o["cpu_per_step"] / t["cpu_per_step"]:.2f}x | '
+                  f' | | {o["cpu_per_step"] / t["cpu_per_step"]:.2f}x | '
                   f'**{o["rss_gib"] / t["rss_gib"]:.2f}x** | '
                   f'{o["first_step_s"] / t["first_step_s"]:.2f}x |')
-  table = ('| tokens/step | side | tokens/s | CPU s/step | peak RSS (GiB) | launch to first '
-           'step (s) |\n|---|---|---|---|---|---|\n' + '\n'.join(rows) + '\n')
+  table = (f'MFU: model FLOPs ({", ".join(f"{flops_token[n] / 1e6:.1f} M/token at {n}" for n in args.lengths)}; '
+           'causal attention counted over the pairs the mask leaves) over this machine\'s '
+           f'measured f32 matmul peak, {peak / 1e9:.1f} GFLOP/s (utils.measured_matmul_peak, '
+           'the console\'s denominator).\n\n'
+           '| tokens/step | side | tokens/s | MFU | CPU s/step | peak RSS (GiB) | launch to first '
+           'step (s) |\n|---|---|---|---|---|---|---|\n' + '\n'.join(rows) + '\n')
   print()
   print(table)
   if not args.no_append:

@@ -146,9 +146,14 @@ def run(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, data, train
     with StopRequest() as stop:
       for hook in hooks:
         hook.start(info)
+      compiled = False
       while info.step < train_steps and not stop.agreed():
         local = next(data)
-        state, metrics = trainer.jit_train_step(state, trainer.shard_batch(local))
+        batch = trainer.shard_batch(local)
+        if not compiled:  # (ahead of the first step, then the compiler's garbage is freed)
+          trainer.precompile_train_step(state, batch)
+          compiled = True
+        state, metrics = trainer.jit_train_step(state, batch)
         info = StepInfo(step=info.step + 1, state=state, train_steps=train_steps,
                         metrics=metrics, loss=float(jax.device_get(metrics['loss'].compute())),
                         batch_hash=data.last_batch_hash)

@@ -289,12 +289,24 @@ class Trainer:
   @property
   def jit_train_step(self):
     if self._jit_train_step is None:
-      step = jax.jit(self.train_step,
-                     in_shardings=(self.state_shardings, self.batch_shardings),
-                     out_shardings=(self.state_shardings, self.partitioner.replicated()),
-                     donate_argnums=(0,))
-      self._jit_train_step = self._in_context(step)
+      self._jit_train_step = self._in_context(self._jitted_train_step)
     return self._jit_train_step
+
+  @functools.cached_property
+  def _jitted_train_step(self):
+    return jax.jit(self.train_step,
+                   in_shardings=(self.state_shardings, self.batch_shardings),
+                   out_shardings=(self.state_shardings, self.partitioner.replicated()),
+                   donate_argnums=(0,))
+
+  def precompile_train_step(self, state, batch) -> None:
+    """Compiles the train step for these (sharded) arguments ahead of its first call,
+    which then finds it in JAX's compilation cache, and hands the compiler's freed
+    heap back to the system (utils.release_free_memory): otherwise the process keeps
+    it, and the first step's buffers come on top of it in the peak RSS."""
+    with self.partitioner.context():
+      self._jitted_train_step.lower(state, batch).compile()
+    utils.release_free_memory()
 
   @property
   def jit_eval_step(self):

@@ -30,7 +30,16 @@ def flags_with_defaults(xla_flags: str) -> str:
 
 
 def apply() -> None:
-  """Adds the defaults to XLA_FLAGS (before the backend starts; no effect after)."""
+  """Adds the defaults to XLA_FLAGS (before the backend starts; no effect after) and
+  caps glibc's malloc arenas at 2 (unless MALLOC_ARENA_MAX is set): XLA's and
+  TensorFlow's worker threads would each get an arena that keeps its freed memory,
+  about 50 MB of peak RSS on the comparison model for no measured speed."""
   if os.environ.get('T5X_LIKE_XLA_DEFAULTS', '1') == '0':
     return
   os.environ['XLA_FLAGS'] = flags_with_defaults(os.environ.get('XLA_FLAGS', ''))
+  if 'MALLOC_ARENA_MAX' not in os.environ:
+    try:
+      import ctypes  # pylint: disable=g-import-not-at-top
+      ctypes.CDLL('libc.so.6').mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+      pass  # not glibc

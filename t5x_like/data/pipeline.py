@@ -134,6 +134,13 @@ def validate(config: DatasetConfig, model: model_lib.BaseModel) -> None:
                       "scripts/precompute_reference.py, or set REFERENCE = 'on_the_fly'")
 
 
+# The last dataset built, with what it was built from: `batch_shapes` and the run's
+# InputIterator ask for the same one, and tracing the pipeline's functions takes
+# seconds. A Dataset is a description, so iterating it again starts afresh; the
+# registered task object is part of the key, so re-registering a name rebuilds.
+_LAST_BUILT: Dict[str, Any] = {}
+
+
 def build_dataset(config: DatasetConfig, model: model_lib.BaseModel,
                   num_epochs: Optional[int] = None, drop_remainder: bool = True
                   ) -> tf.data.Dataset:
@@ -142,6 +149,17 @@ def build_dataset(config: DatasetConfig, model: model_lib.BaseModel,
   With `drop_remainder=False` (evaluation of a finite split) the last batch may
   be short; `InputIterator` pads it.
   """
+  task = get_mixture_or_task(config.mixture_or_task_name)
+  key = (config, num_epochs, drop_remainder)
+  if (_LAST_BUILT.get('key') == key and _LAST_BUILT.get('model') is model
+      and _LAST_BUILT.get('task') is task):
+    return _LAST_BUILT['ds']
+  ds = _build_dataset(config, model, num_epochs, drop_remainder)
+  _LAST_BUILT.update(key=key, model=model, task=task, ds=ds)
+  return ds
+
+
+def _build_dataset(config, model, num_epochs, drop_remainder):
   converter = feature_converter(model, config.task_feature_lengths, config.pack)
   # Not seqio.get_dataset: it caches small sources in memory after their
   # document shuffle, which would freeze the document order across epochs.
