@@ -1,10 +1,12 @@
 """Training throughput and model FLOPs utilisation of a LLaMA-style decoder.
 
     python scripts/bench_train.py [--model=models/llama/20m.gin] [--batch=16 --length=256]
-                                  [--steps=10] [--dtype=float32] [--no-append]
+                                  [--steps=10] [--dtype=float32] [--remat=none]
+                                  [--attention=xla|flash] [--synthetic] [--no-append]
 
 Measures, in one run: the train step's tokens/s on batches of the embedded corpus
-(fetched before timing, so input work does not share the cores with the step),
+(fetched before timing, so input work does not share the cores with the step; with
+--synthetic, random tokens, for a machine without the data stack),
 model FLOPs per token (`models.param_count`), this machine's best f32 (or bf16)
 matmul FLOP/s, their ratio (MFU), the compiled step's memory and the process's
 peak RSS. Appends a row to docs/benchmarks.md with the machine, date and command.
@@ -19,17 +21,19 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from t5x_like import xla_env  # pylint: disable=wrong-import-position
+
+xla_env.apply()  # the XLA options `python -m train` runs with
+
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from models import param_count  # pylint: disable=wrong-import-position
 from partitioning import mesh as mesh_lib  # pylint: disable=wrong-import-position
 from partitioning import partitioner as partitioner_lib  # pylint: disable=wrong-import-position
 from t5x_like import gin_utils  # pylint: disable=wrong-import-position
 from t5x_like import optimizers  # pylint: disable=wrong-import-position
 from t5x_like import trainer as trainer_lib  # pylint: disable=wrong-import-position
 from t5x_like import utils  # pylint: disable=wrong-import-position
-from t5x_like.data import pipeline  # pylint: disable=wrong-import-position
 
 from record_benchmark import append_section  # pylint: disable=wrong-import-position
 
@@ -42,23 +46,42 @@ def main():
   p.add_argument('--steps', type=int, default=10)
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--dtype', default='float32')
-  p.add_argument('--remat', default='none')
+  p.add_argument('--remat', default=None, help="default: the model file's")
+  p.add_argument('--attention', default=None, choices=('xla', 'flash'),
+                 help="the attention kernel; default: the model file's")
+  p.add_argument('--synthetic', action='store_true', help='random tokens instead of the corpus')
   p.add_argument('--no-append', action='store_true')
   args = p.parse_args()
 
-  model = gin_utils.model_from_gin([args.model], [
-      f"model_config.DecoderConfig.dtype = '{args.dtype}'",
-      f"model_config.DecoderConfig.remat_policy = '{args.remat}'"])
-  data_cfg = pipeline.DatasetConfig('stdlib_lm', {'targets': args.length}, batch_size=args.batch)
-  it = pipeline.InputIterator(data_cfg, model)
-  batches = [next(it) for _ in range(args.steps + args.warmup)]
+  bindings = [f"model_config.DecoderConfig.dtype = '{args.dtype}'"]
+  if args.remat:
+    bindings.append(f"model_config.DecoderConfig.remat_policy = '{args.remat}'")
+  if args.attention:
+    bindings.append(f"model_config.DecoderConfig.attention_kernel = '{args.attention}'")
+  model = gin_utils.model_from_gin([args.model], bindings)
+  if args.synthetic:
+    rng = np.random.default_rng(0)
+    def synthetic():
+      t = rng.integers(1, model.config.vocab_size, (args.batch, args.length)).astype(np.int32)
+      return {'decoder_input_tokens': np.pad(t[:, :-1], ((0, 0), (1, 0))),
+              'decoder_target_tokens': t, 'decoder_loss_weights': np.ones(t.shape, np.float32)}
+    batches = [synthetic() for _ in range(args.steps + args.warmup)]
+  else:
+    from t5x_like.data import pipeline  # pylint: disable=g-import-not-at-top
+    data_cfg = pipeline.DatasetConfig('stdlib_lm', {'targets': args.length},
+                                      batch_size=args.batch)
+    it = pipeline.InputIterator(data_cfg, model)
+    batches = [next(it) for _ in range(args.steps + args.warmup)]
   part = partitioner_lib.Partitioner(mesh_lib.create_mesh((-1, 1, 1)))
   shapes = {k: v.shape for k, v in batches[0].items()}
   trainer = trainer_lib.Trainer(model, optimizers.adamw(1e-3), part, shapes)
   state = trainer.init_state()
   sharded = [trainer.shard_batch(b) for b in batches]
 
-  compiled = jax.jit(trainer.train_step, donate_argnums=(0,)).lower(state, sharded[0]).compile()
+  # The step is compiled once: the timed calls below find this in the compilation cache.
+  trainer.precompile_train_step(state, sharded[0])
+  with part.context():
+    compiled = trainer._jitted_train_step.lower(state, sharded[0]).compile()  # pylint: disable=protected-access
   mem = compiled.memory_analysis()
   step_bytes = None
   if mem is not None:
@@ -76,14 +99,16 @@ def main():
     times.append(time.perf_counter() - t)
   step_time = float(np.median(times))
   tokens = args.batch * args.length
-  flops_token = param_count.train_flops_per_example(model.config, 0, args.length) / args.length
+  flops_token = model.flops_per_example({'targets': args.length}) / args.length
   peak = utils.measured_matmul_peak(args.dtype) * jax.device_count()
   tok_s = tokens / step_time
   mfu = tok_s * flops_token / peak
   rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
   rows = [
-      ('model', f'{args.model} ({trainer.num_params / 1e6:.1f}M params, {args.dtype})'),
+      ('model', f'{args.model} ({trainer.num_params / 1e6:.1f}M params, {args.dtype}, '
+                f'remat {model.config.remat_policy.value}, attention '
+                f'{model.config.attention_kernel.value})'),
       ('tokens/step', f'{tokens} ({args.batch} x {args.length})'),
       ('step time (median)', f'{step_time * 1e3:.0f} ms'),
       ('tokens/s', f'{tok_s:,.0f}'),

@@ -2,7 +2,6 @@
 sharded DPO step equals a single-device one."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
