@@ -181,3 +181,34 @@ def test_cross_entropy_gradient_matches_autodiff(smoothing):
   assert g.dtype == jnp.bfloat16
   np.testing.assert_allclose(g.astype(np.float32), jax.grad(reference)(bf16.astype(jnp.float32)),
                              rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize('overrides', [
+    dict(), dict(tie_embeddings=True, scale_tied_logits=True),
+    dict(tie_embeddings=True, scale_tied_logits=False, dtype='bfloat16')])
+def test_fused_head_loss_equals_full_logits(overrides):
+  """loss_fn with the output layer and loss fused over slices (loss_chunk_length) gives the
+  full-logits loss, metrics and gradients; prefix-LM and packed batches included."""
+  from models import model as model_lib  # pylint: disable=g-import-not-at-top
+  import testing_utils as tu  # pylint: disable=g-import-not-at-top
+  bf16 = overrides.get('dtype') == 'bfloat16'
+  def make(chunk):
+    return model_lib.DecoderOnlyModel(tu.tiny_decoder(loss_chunk_length=chunk, **overrides),
+                                      z_loss=1e-3, label_smoothing=0.1)
+  fused, full = make(8), make(0)
+  batch = tu.random_batch(fused, 2, {'inputs': 8, 'targets': 24}, packed=True)
+  assert fused._head_chunk(batch) == 8 and not full._head_chunk(batch)  # pylint: disable=protected-access
+  params = tu.init_params(fused, batch)
+  def run(model):
+    (loss, metrics), grads = jax.value_and_grad(
+        lambda p: model.loss_fn(p, batch), has_aux=True)(params)
+    return loss, {k: float(m.compute()) for k, m in metrics.items()}, grads
+  l1, m1, g1 = run(fused)
+  l2, m2, g2 = run(full)
+  rtol = 2e-2 if bf16 else 1e-5
+  np.testing.assert_allclose(l1, l2, rtol=rtol)
+  for k in m2:
+    np.testing.assert_allclose(m1[k], m2[k], rtol=rtol, atol=1e-6, err_msg=k)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=0.1 if bf16 else 1e-4, atol=2e-2 if bf16 else 1e-6)
