@@ -134,11 +134,13 @@ def validate(config: DatasetConfig, model: model_lib.BaseModel) -> None:
                       "scripts/precompute_reference.py, or set REFERENCE = 'on_the_fly'")
 
 
-# The last dataset built, with what it was built from: `batch_shapes` and the run's
-# InputIterator ask for the same one, and tracing the pipeline's functions takes
-# seconds. A Dataset is a description, so iterating it again starts afresh; the
-# registered task object is part of the key, so re-registering a name rebuilds.
-_LAST_BUILT: Dict[str, Any] = {}
+# A dataset built only to read its element spec (`batch_shapes`), kept for the next
+# `build_dataset` with the same arguments (the run's InputIterator), which takes it:
+# tracing the pipeline's functions takes seconds. Only a dataset that was never
+# iterated may be handed on (a seeded shuffle reshuffles on every new iteration of
+# the same Dataset object), so a taken one leaves the cache. The registered task
+# object is part of the key: re-registering a name rebuilds.
+_SPEC_ONLY: Dict[str, Any] = {}
 
 
 def build_dataset(config: DatasetConfig, model: model_lib.BaseModel,
@@ -149,14 +151,23 @@ def build_dataset(config: DatasetConfig, model: model_lib.BaseModel,
   With `drop_remainder=False` (evaluation of a finite split) the last batch may
   be short; `InputIterator` pads it.
   """
-  task = get_mixture_or_task(config.mixture_or_task_name)
   key = (config, num_epochs, drop_remainder)
-  if (_LAST_BUILT.get('key') == key and _LAST_BUILT.get('model') is model
-      and _LAST_BUILT.get('task') is task):
-    return _LAST_BUILT['ds']
-  ds = _build_dataset(config, model, num_epochs, drop_remainder)
-  _LAST_BUILT.update(key=key, model=model, task=task, ds=ds)
-  return ds
+  task = get_mixture_or_task(config.mixture_or_task_name)
+  if (_SPEC_ONLY.get('key') == key and _SPEC_ONLY.get('model') is model
+      and _SPEC_ONLY.get('task') is task):
+    ds = _SPEC_ONLY['ds']
+    _SPEC_ONLY.clear()
+    return ds
+  return _build_dataset(config, model, num_epochs, drop_remainder)
+
+
+def _spec_of(config: DatasetConfig, model: model_lib.BaseModel):
+  """The element spec of `build_dataset(config, model)`; the dataset is kept for it."""
+  ds = _build_dataset(config, model, None, True)
+  _SPEC_ONLY.clear()
+  _SPEC_ONLY.update(key=(config, None, True), model=model,
+                    task=get_mixture_or_task(config.mixture_or_task_name), ds=ds)
+  return ds.element_spec
 
 
 def _build_dataset(config, model, num_epochs, drop_remainder):
@@ -173,7 +184,7 @@ def _build_dataset(config, model, num_epochs, drop_remainder):
 
 def batch_shapes(config: DatasetConfig, model: model_lib.BaseModel) -> Dict[str, tuple]:
   """Feature name -> global batch shape, read from the pipeline's element spec."""
-  spec = build_dataset(config, model).element_spec
+  spec = _spec_of(config, model)
   return {k: tuple(v.shape) for k, v in spec.items()}
 
 
