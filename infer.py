@@ -1,19 +1,10 @@
 """`python -m infer --gin_file=...`: generate from or score a checkpoint (see t5x_like/infer.py)."""
 
-# Before anything heavy is imported: a SIGTERM during start-up is a request to stop.
-import sys
+# Before anything heavy is imported: --help, the XLA options, and a SIGTERM during
+# start-up is a request to stop.
+from t5x_like import flags
 
-if __name__ == '__main__' and any(a in ('-h', '--help') for a in sys.argv[1:]):
-  from t5x_like import flags  # the standard library only: --help answers before jax loads
-  flags.print_help_and_exit('infer')
-
-from t5x_like import xla_env  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-xla_env.apply()  # XLA options, before the backend starts
-
-from t5x_like import signals  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-signals.install()
+flags.start('infer', __name__)
 
 from t5x_like.infer import console_main  # pylint: disable=g-import-not-at-top,wrong-import-position
 

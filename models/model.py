@@ -155,7 +155,7 @@ class BaseModel(abc.ABC):
     the module's __call__ (e.g. hidden_only)."""
     module, kwargs = self.module, dict(call_kwargs)
     if dropout_rng is not None:
-      module, kwargs = self._train_module, {'rngs': {'dropout': dropout_rng}, **call_kwargs}
+      module, kwargs['rngs'] = self._train_module, {'dropout': dropout_rng}
     if not self.config.num_experts:
       return module.apply({'params': params}, **self._module_inputs(batch), **kwargs), {}
     logits, state = module.apply({'params': params}, **self._module_inputs(batch),
@@ -168,17 +168,19 @@ class BaseModel(abc.ABC):
 
   def per_token_loss(self, params, batch: Batch, dropout_rng=None) -> Tuple[Array, Array, Array]:
     """(loss, z_loss term, logits): loss and z-term [batch, length], unweighted."""
-    logits, _ = self.apply_with_stats(params, batch, dropout_rng)
+    loss, z, logits, _ = self._per_token_loss_and_stats(params, batch, dropout_rng)
+    return loss, z, logits
+
+  def _per_token_loss_and_stats(self, params, batch, dropout_rng):
+    logits, stats = self.apply_with_stats(params, batch, dropout_rng)
     loss, z = losses.cross_entropy_with_logits(
         logits, batch['decoder_target_tokens'], self.z_loss, self.label_smoothing)
-    return loss, z, logits
+    return loss, z, logits, stats
 
   def _loss_terms(self, params, batch, dropout_rng):
     """(loss, z-term, correct, router stats): the first three [batch, length] f32,
     `correct` 1.0 where the arg-max prediction is the target."""
-    logits, stats = self.apply_with_stats(params, batch, dropout_rng)
-    loss, z = losses.cross_entropy_with_logits(
-        logits, batch['decoder_target_tokens'], self.z_loss, self.label_smoothing)
+    loss, z, logits, stats = self._per_token_loss_and_stats(params, batch, dropout_rng)
     correct = (jnp.argmax(logits, -1) == batch['decoder_target_tokens']).astype(jnp.float32)
     return loss, z, correct, stats
 

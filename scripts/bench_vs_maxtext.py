@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -110,11 +110,7 @@ def ours_cmd(length: int, batch: int, steps: int, model_dir: str, extra: List[st
           f'--gin.TRAIN_STEPS={steps}', f"--gin.MODEL_DIR='{model_dir}'"] + extra
 
 
-def maxtext_cmd(python: str, length: int, batch: int, steps: int, out: str):
-  import_dir = subprocess.run([python, '-c', 'import maxtext, os; print(os.path.dirname('
-                               'maxtext.__file__))'], capture_output=True, text=True,
-                              check=True).stdout.strip()
-  config = os.path.join(import_dir, 'configs', 'decoupled_base_test.yml')
+def maxtext_cmd(python: str, config: str, length: int, batch: int, steps: int, out: str):
   return [python, '-m', 'maxtext.trainers.pre_train.train', config, 'run_name=bench',
           'hardware=cpu', 'dataset_type=synthetic', 'skip_jax_distributed_system=True',
           'enable_checkpointing=False', f'per_device_batch_size={batch}',
@@ -124,8 +120,7 @@ def maxtext_cmd(python: str, length: int, batch: int, steps: int, out: str):
 
 def _flops_per_token(length: int, extra: List[str]) -> float:
   from t5x_like import gin_utils  # pylint: disable=g-import-not-at-top
-  bindings = [a[len('--gin.'):].replace('=', ' = ', 1) for a in extra]
-  model = gin_utils.model_from_gin(['runs/bench_maxtext.gin'], bindings)
+  model = gin_utils.model_from_gin(['runs/bench_maxtext.gin'], gin_utils.split_argv(extra))
   return model.flops_per_example({'targets': length}) / length
 
 
@@ -141,12 +136,16 @@ def clean_env(**extra) -> Dict[str, str]:
   return env
 
 
-def maxtext_python(flag: Optional[str]) -> Optional[str]:
+def maxtext_install(flag: Optional[str]) -> Optional[Tuple[str, str]]:
+  """(MaxText's python, its CPU test config) when that python imports maxtext, else None."""
   python = flag or os.environ.get('MAXTEXT_PYTHON')
-  if python and os.path.exists(python):
-    ok = subprocess.run([python, '-c', 'import maxtext'], capture_output=True).returncode == 0
-    return python if ok else None
-  return None
+  if not (python and os.path.exists(python)):
+    return None
+  found = subprocess.run([python, '-c', 'import maxtext, os; print(os.path.dirname('
+                          'maxtext.__file__))'], capture_output=True, text=True)
+  if found.returncode != 0:
+    return None
+  return python, os.path.join(found.stdout.strip(), 'configs', 'decoupled_base_test.yml')
 
 
 def main(argv=None):
@@ -163,8 +162,8 @@ def main(argv=None):
   extra = [a for a in rest if a.startswith('--gin.')]
   if len(extra) != len(rest):
     p.error(f'unrecognised arguments: {[a for a in rest if not a.startswith("--gin.")]}')
-  python = None if args.ours_only else maxtext_python(args.maxtext_python)
-  if python is None and not args.ours_only:
+  maxtext = None if args.ours_only else maxtext_install(args.maxtext_python)
+  if maxtext is None and not args.ours_only:
     print(INSTALL, file=sys.stderr)
     sys.exit(2)
   if args.logs:
@@ -183,7 +182,7 @@ def main(argv=None):
             m = run(ours_cmd(length, batch, args.steps, tmp, extra), clean_env(), _OURS_STEP,
                     batch * length, args.skip, log)
           else:
-            m = run(maxtext_cmd(python, length, batch, args.steps, tmp),
+            m = run(maxtext_cmd(*maxtext, length, batch, args.steps, tmp),
                     clean_env(DECOUPLE_GCLOUD='TRUE'), _MAXTEXT_STEP, batch * length,
                     args.skip, log)
         finally:
@@ -228,8 +227,7 @@ def main(argv=None):
   print()
   print(table)
   if not args.no_append:
-    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
-    from record_benchmark import append_section  # pylint: disable=g-import-not-at-top
+    from record_benchmark import append_section  # pylint: disable=g-import-not-at-top  (scripts/)
     cmd = 'python scripts/bench_vs_maxtext.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
     append_section('bench_vs_maxtext', f'Command: `{cmd.strip()}`; medians of {args.rounds} '
                    f'rounds, {args.steps} steps a run, the first {args.skip} gaps left out.\n\n'

@@ -51,12 +51,16 @@ def _first_comment(text: str) -> str:
   return ''
 
 
+def shipped_paths(kind: str = 'models') -> List[str]:
+  """Shipped gin files under gin/<kind>/ (model files exclude the shared common.gin)."""
+  files = sorted(glob.glob(os.path.join(GIN_DIR, kind, '**', '*.gin'), recursive=True))
+  return [f for f in files if not f.endswith('common.gin')]
+
+
 def shipped(kind: str) -> List[Tuple[str, str, List[str]]]:
   """(path relative to gin/, first comment line, required macros) of gin/<kind>/**.gin."""
   out = []
-  for path in sorted(glob.glob(os.path.join(GIN_DIR, kind, '**', '*.gin'), recursive=True)):
-    if path.endswith('common.gin'):
-      continue
+  for path in shipped_paths(kind):
     with open(path) as f:
       text = f.read()
     out.append((os.path.relpath(path, GIN_DIR), _first_comment(text), _REQUIRED.findall(text)))
@@ -94,7 +98,14 @@ def wants_help(argv: Optional[Sequence[str]] = None) -> bool:
   return any(a in ('-h', '--help') for a in argv)
 
 
-def print_help_and_exit(entry: str) -> None:
-  """`python -m <entry> --help` without importing anything heavy."""
-  parser_for(entry).print_help()
-  sys.exit(0)
+def start(entry: str, module_name: str) -> None:
+  """What `python -m train/infer/eval` does before anything heavy is imported: answers
+  --help and exits (when run as the program), sets the XLA options (xla_env) and honours
+  SIGTERM from here on (signals). All three modules import only the standard library."""
+  from t5x_like import signals  # pylint: disable=g-import-not-at-top
+  from t5x_like import xla_env  # pylint: disable=g-import-not-at-top
+  if module_name == '__main__' and wants_help():
+    parser_for(entry).print_help()
+    sys.exit(0)
+  xla_env.apply()
+  signals.install()

@@ -1,7 +1,6 @@
 """Gin parsing for the entry points, with one-line errors that suggest a fix."""
 
 import difflib
-import glob
 import importlib
 import inspect
 import logging
@@ -290,10 +289,7 @@ def split_argv(argv: Sequence[str]) -> List[str]:
   return out
 
 
-def shipped_files(kind: str = 'models') -> List[str]:
-  """Shipped gin files under gin/<kind>/ (model files exclude the shared common.gin)."""
-  files = sorted(glob.glob(os.path.join(GIN_DIR, kind, '**', '*.gin'), recursive=True))
-  return [f for f in files if not f.endswith('common.gin')]
+shipped_files = flags.shipped_paths
 
 
 def model_from_gin(gin_files: Sequence[str], bindings: Sequence[str] = ()):

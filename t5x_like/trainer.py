@@ -299,14 +299,16 @@ class Trainer:
                    out_shardings=(self.state_shardings, self.partitioner.replicated()),
                    donate_argnums=(0,))
 
-  def precompile_train_step(self, state, batch) -> None:
+  def precompile_train_step(self, state, batch):
     """Compiles the train step for these (sharded) arguments ahead of its first call,
     which then finds it in JAX's compilation cache, and hands the compiler's freed
     heap back to the system (utils.release_free_memory): otherwise the process keeps
-    it, and the first step's buffers come on top of it in the peak RSS."""
+    it, and the first step's buffers come on top of it in the peak RSS. Returns the
+    compiled step (for its memory analysis)."""
     with self.partitioner.context():
-      self._jitted_train_step.lower(state, batch).compile()
+      compiled = self._jitted_train_step.lower(state, batch).compile()
     utils.release_free_memory()
+    return compiled
 
   @property
   def jit_eval_step(self):

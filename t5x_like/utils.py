@@ -13,6 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def cache_root() -> str:
+  """Where caches live: T5X_LIKE_CACHE, default ~/.cache/t5x_like (the corpus, the peak)."""
+  return os.environ.get('T5X_LIKE_CACHE', os.path.join(os.path.expanduser('~'), '.cache',
+                                                       't5x_like'))
+
+
 @functools.lru_cache(maxsize=None)
 def measured_matmul_peak(dtype: str = 'float32', n: int = 2048, repeats: int = 5) -> float:
   """The best FLOP/s of an n x n x n matmul on the default device (the MFU denominator).
@@ -23,8 +29,7 @@ def measured_matmul_peak(dtype: str = 'float32', n: int = 2048, repeats: int = 5
   benchmark's agree) and start-up skips the measurement. Delete the file to measure
   again; `train_lib.train.peak_flops` overrides it for a run.
   """
-  path = os.path.join(os.environ.get('T5X_LIKE_CACHE', os.path.join(
-      os.path.expanduser('~'), '.cache', 't5x_like')), 'peak_flops.json')
+  path = os.path.join(cache_root(), 'peak_flops.json')
   dev = jax.devices()[0]
   # (XLA_FLAGS too: the tests' compile options make slower matmuls than a run's)
   key = (f'{dev.platform}/{dev.device_kind}/{os.cpu_count()} cpus/{dtype}/n={n}/'

@@ -21,6 +21,8 @@ import sysconfig
 import tempfile
 from typing import Dict, Iterator, List, Tuple
 
+from t5x_like import utils
+
 DOMAINS = ('code', 'prose')
 SPLITS = ('train', 'validation')
 VALIDATION_PERCENT = 2
@@ -30,8 +32,7 @@ _EXCLUDED_DIRS = {'site-packages', 'dist-packages', 'test', 'tests', 'idle_test'
                   '__pycache__', 'lib2to3'}
 
 
-def cache_root() -> str:
-  return os.environ.get('T5X_LIKE_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 't5x_like'))
+cache_root = utils.cache_root
 
 
 def corpus_dir() -> str:
