@@ -100,12 +100,16 @@ def wants_help(argv: Optional[Sequence[str]] = None) -> bool:
 
 def start(entry: str, module_name: str) -> None:
   """What `python -m train/infer/eval` does before anything heavy is imported: answers
-  --help and exits (when run as the program), sets the XLA options (xla_env) and honours
-  SIGTERM from here on (signals). All three modules import only the standard library."""
+  --help and exits (when run as the program), restarts the interpreter once with
+  glibc's huge-page tunable (when run as the program), sets the XLA options and the
+  compilation cache (xla_env) and honours SIGTERM from here on (signals). All three
+  modules import only the standard library."""
   from t5x_like import signals  # pylint: disable=g-import-not-at-top
   from t5x_like import xla_env  # pylint: disable=g-import-not-at-top
   if module_name == '__main__' and wants_help():
     parser_for(entry).print_help()
     sys.exit(0)
+  if module_name == '__main__':
+    xla_env.reexec_with_malloc_tunables()
   xla_env.apply()
   signals.install()

@@ -12,11 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5x_like import xla_env
 
-def cache_root() -> str:
-  """Where caches live: T5X_LIKE_CACHE, default ~/.cache/t5x_like (the corpus, the peak)."""
-  return os.environ.get('T5X_LIKE_CACHE', os.path.join(os.path.expanduser('~'), '.cache',
-                                                       't5x_like'))
+
+cache_root = xla_env.cache_root
 
 
 @functools.lru_cache(maxsize=None)

@@ -33,12 +33,14 @@ def _setup(encdec):
   return model, batches
 
 
-def _run(model, batches, mesh, num_microbatches=1, optimizer=None):
+def _run(model, batches, mesh, num_microbatches=1, optimizer=None, split_update=None,
+         all_metrics=None):
   devices = jax.devices()[:int(np.prod(mesh))]
   part = partitioner_lib.Partitioner(mesh_lib.create_mesh(mesh, devices=devices))
   shapes = {k: v.shape for k, v in batches[0].items()}
   opt = optimizer or optimizers.sgd(0.5, momentum=0.9)
-  trainer = trainer_lib.Trainer(model, opt, part, shapes, num_microbatches=num_microbatches)
+  trainer = trainer_lib.Trainer(model, opt, part, shapes, num_microbatches=num_microbatches,
+                                split_update=split_update)
   state = trainer.init_state()
   def mean_loss(p, b):  # the loss the trainer optimises: per target token
     loss_sum, metrics = model.loss_fn(p, b)
@@ -53,6 +55,8 @@ def _run(model, batches, mesh, num_microbatches=1, optimizer=None):
         first_grads = jax.device_get(grad_fn(state.params, gb))
     state, metrics = trainer.jit_train_step(state, gb)
     losses.append(float(metrics['loss'].compute()))
+    if all_metrics is not None:
+      all_metrics.append({k: float(v.compute()) for k, v in metrics.items()})
   return losses, first_grads, jax.device_get(state.params), trainer
 
 
@@ -84,6 +88,30 @@ def test_adamw_sharded_losses_equal_single_device():
   adamw = lambda: optimizers.adamw(1e-2, weight_decay=0.1)
   losses = _run(model, batches, (1, 1, 1), optimizer=adamw())[0]
   np.testing.assert_allclose(_run(model, batches, (2, 2, 2), optimizer=adamw())[0], losses, rtol=1e-5)
+
+
+@pytest.mark.parametrize('mesh', [(1, 1, 1), (2, 2, 2)])
+@pytest.mark.parametrize('opt', ['sgd', 'adamw'])
+def test_split_update_equals_one_program(mesh, opt):
+  """The step as two programs (gradient, then update: the CPU default) gives the
+  one program's parameters, optimizer state and every metric."""
+  model, batches = _setup(False)
+  optimizer = (optimizers.sgd(0.5, momentum=0.9) if opt == 'sgd' else
+               optimizers.adamw(optimizers.warmup_cosine(1e-2, 1, STEPS), clip_norm=0.5))
+  runs = []
+  for split in (False, True):
+    metrics = []
+    _, _, params, trainer = _run(model, batches, mesh, optimizer=optimizer, split_update=split,
+                                 all_metrics=metrics)
+    assert len(trainer._train_programs) == (2 if split else 1)
+    runs.append((params, metrics))
+  (p1, m1), (p2, m2) = runs
+  for a, b in zip(m1, m2):
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_allclose(b[k], a[k], rtol=1e-5, err_msg=k)
+  for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p1)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_gradient_accumulation_equals_full_batch(reference):

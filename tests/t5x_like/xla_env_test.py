@@ -43,3 +43,51 @@ def test_train_step_values_unchanged():
     assert res.returncode == 0, res.stderr[-2000:]
     out.append(json.loads(res.stdout.strip().splitlines()[-1]))
   np.testing.assert_allclose(out[1], out[0], rtol=1e-6)
+
+
+_REEXEC = """
+import os, sys
+sys.path.insert(0, {root!r})
+from t5x_like import xla_env
+print('start', os.getpid(), flush=True)
+xla_env.reexec_with_malloc_tunables()
+xla_env.apply()
+print('tunables', os.environ.get('GLIBC_TUNABLES'))
+print('cache', os.environ.get('JAX_COMPILATION_CACHE_DIR'))
+"""
+
+
+def _run_reexec(tmp_path, **extra):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('GLIBC_TUNABLES', 'JAX_COMPILATION_CACHE_DIR', 'T5X_LIKE_XLA_DEFAULTS')}
+  env.update(T5X_LIKE_CACHE=str(tmp_path), **extra)
+  res = subprocess.run([sys.executable, '-c', _REEXEC.format(root=ROOT)], env=env,
+                       capture_output=True, text=True, timeout=60)
+  assert res.returncode == 0, res.stderr[-2000:]
+  return dict(line.split(' ', 1) for line in res.stdout.strip().splitlines()
+              if not line.startswith('start')), res.stdout.count('start')
+
+
+def test_malloc_tunables_and_compilation_cache(tmp_path):
+  """Huge pages where glibc and the kernel offer them on request, by restarting the
+  interpreter exactly once; JAX's compilation cache under the cache root; a user's
+  own settings win; T5X_LIKE_XLA_DEFAULTS=0 turns both off."""
+  out, starts = _run_reexec(tmp_path)
+  if xla_env._glibc_at_least(2, 35) and xla_env._huge_pages_on_request():  # pylint: disable=protected-access
+    assert out['tunables'] == xla_env.HUGETLB and starts == 2
+  else:
+    assert out['tunables'] == 'None' and starts == 1
+  assert out['cache'] == os.path.join(str(tmp_path), 'jax_compilation')
+
+  out, starts = _run_reexec(tmp_path, GLIBC_TUNABLES='glibc.malloc.hugetlb=0',
+                            JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'mine'))
+  assert (out['tunables'], starts) == ('glibc.malloc.hugetlb=0', 1)
+  assert out['cache'] == str(tmp_path / 'mine')
+
+  out, starts = _run_reexec(tmp_path, T5X_LIKE_XLA_DEFAULTS='0')
+  assert (out['tunables'], out['cache'], starts) == ('None', 'None', 1)
+
+
+def test_update_compiler_options():
+  assert xla_env.update_compiler_options('gpu') == {}
+  assert set(xla_env.update_compiler_options('cpu')) == {'xla_cpu_experimental_ynn_fusion_type'}
