@@ -12,9 +12,9 @@ events under `eval/`; the console prints a table over steps. Checkpoints are
 only read.
 """
 
-if __name__ == '__main__':  # honour SIGTERM before the heavy imports
-  from t5x_like import signals as _early_signals  # pylint: disable=g-import-not-at-top
-  _early_signals.install()
+if __name__ == '__main__':  # run as `python -m t5x_like.evaluate`: what `python -m eval` does first
+  from t5x_like import flags as _flags  # pylint: disable=g-import-not-at-top
+  _flags.start('eval', __name__)
 
 import os
 from typing import Any, Dict, List, Optional, Sequence

@@ -15,9 +15,9 @@ Everything that can fail (settings, checkpoint, examples, lengths) is checked
 before the output file is written; the file appears whole (written, then renamed).
 """
 
-if __name__ == '__main__':  # honour SIGTERM before the heavy imports
-  from t5x_like import signals as _early_signals  # pylint: disable=g-import-not-at-top
-  _early_signals.install()
+if __name__ == '__main__':  # run as `python -m t5x_like.infer`: what `python -m infer` does first
+  from t5x_like import flags as _flags  # pylint: disable=g-import-not-at-top
+  _flags.start('infer', __name__)
 
 import dataclasses
 import functools

@@ -8,9 +8,9 @@ Order of work: every check that can fail (gin, mesh, batch, data, model,
 checkpoint compatibility) runs before anything is written to MODEL_DIR.
 """
 
-if __name__ == '__main__':  # `python -m t5x_like.train`: honour SIGTERM before the heavy imports
-  from t5x_like import signals as _early_signals  # pylint: disable=g-import-not-at-top
-  _early_signals.install()
+if __name__ == '__main__':  # run as `python -m t5x_like.train`: what `python -m train` does first
+  from t5x_like import flags as _flags  # pylint: disable=g-import-not-at-top
+  _flags.start('train', __name__)
 
 import dataclasses
 import logging

@@ -1,5 +1,6 @@
-"""`python -m train/infer/eval --help` answers without importing jax, gin or TensorFlow
-and lists every shipped run file (with its required macros) and model file."""
+"""`python -m train/infer/eval --help` (and `-m t5x_like.train/infer/evaluate --help`)
+answers without importing jax, gin or TensorFlow and lists every shipped run file (with
+its required macros) and model file."""
 
 import os
 import subprocess
@@ -12,9 +13,11 @@ from t5x_like import flags
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.mark.parametrize('entry', ['train', 'infer', 'eval'])
-def test_help_is_light_and_lists_configs(entry):
-  out = subprocess.run([sys.executable, '-X', 'importtime', '-m', entry, '--help'], cwd=ROOT,
+@pytest.mark.parametrize('module,entry', [
+    ('train', 'train'), ('infer', 'infer'), ('eval', 'eval'),
+    ('t5x_like.train', 'train'), ('t5x_like.infer', 'infer'), ('t5x_like.evaluate', 'eval')])
+def test_help_is_light_and_lists_configs(module, entry):
+  out = subprocess.run([sys.executable, '-X', 'importtime', '-m', module, '--help'], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
   assert out.returncode == 0, out.stderr
   imported = {line.split('|')[-1].strip().split('.')[0] for line in out.stderr.splitlines()
