@@ -79,33 +79,49 @@ def _mask(i: int, block: int, qp, kp, qs, ks):
   return mask[:, None, None]
 
 
-def _logits(q_blk, k, i, block, scale):
+def _queries_heads_major(x, kv_heads: int):
+  """[batch, len, heads, d] -> [batch, kv_heads, groups, len, d]."""
+  batch, length, heads, head_dim = x.shape
+  return x.reshape(batch, length, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
+
+
+def _heads_major(q, k, v):
+  """q [batch, len, heads, d] -> [batch, kv_heads, groups, len, d]; k, v [batch, len,
+  kv_heads, d] -> [batch, kv_heads, len, d]. Transposed once per call, so each block's
+  matmuls take row slices of these: transposing every block's slice of the keys instead
+  cost ~12% of a train step of the 20.5M comparison model (docs/efficiency.md)."""
+  return (_queries_heads_major(q, k.shape[2]), k.transpose(0, 2, 1, 3),
+          v.transpose(0, 2, 1, 3))
+
+
+def _from_heads_major(x, shape):
+  """[batch, kv_heads, groups, len, d] -> [batch, len, heads, d] (`shape`)."""
+  return x.transpose(0, 3, 1, 2, 4).reshape(shape)
+
+
+def _logits(qh_blk, kh, i, block, scale):
   """[batch, kv_heads, groups, block, end] f32 scaled logits of query block i."""
   end = (i + 1) * block
-  return jnp.einsum('bqhgd,bkhd->bhgqk', q_blk, k[:, :end],
+  return jnp.einsum('bhgqd,bhkd->bhgqk', qh_blk, kh[:, :, :end],
                     preferred_element_type=jnp.float32) * scale
 
 
 def _forward(q, k, v, qp, kp, qs, ks, scale, block):
-  batch, length, heads, head_dim = q.shape
-  kv_heads = k.shape[2]
-  groups = heads // kv_heads
-  qg = q.reshape(batch, length, kv_heads, groups, head_dim)
+  length = q.shape[1]
+  qh, kh, vh = _heads_major(q, k, v)
   outs, lses = [], []
   for i in range(length // block):
-    end = (i + 1) * block
-    s = _logits(qg[:, i * block:end], k, i, block, scale)
+    start, end = i * block, (i + 1) * block
+    s = _logits(qh[:, :, :, start:end], kh, i, block, scale)
     s = jnp.where(_mask(i, block, qp, kp, qs, ks), s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)  # finite: a query always sees itself
     p = jnp.exp(s - m)
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    o = jnp.einsum('bhgqk,bkhd->bqhgd', p.astype(v.dtype), v[:, :end],
+    o = jnp.einsum('bhgqk,bhkd->bhgqd', p.astype(v.dtype), vh[:, :, :end],
                    preferred_element_type=jnp.float32)
-    # [batch, kv_heads, groups, block] -> the output's [batch, block, kv_heads, groups, 1]
-    inv = jnp.transpose(1.0 / denom[..., 0], (0, 3, 1, 2))[..., None]
-    outs.append(o * inv)
+    outs.append(o / denom)
     lses.append((m + jnp.log(denom))[..., 0])
-  out = jnp.concatenate(outs, axis=1).reshape(batch, length, heads, head_dim).astype(q.dtype)
+  out = _from_heads_major(jnp.concatenate(outs, axis=3), q.shape).astype(q.dtype)
   return out, jnp.concatenate(lses, axis=-1)  # lse [batch, kv_heads, groups, length]
 
 
@@ -121,34 +137,34 @@ def _attention_fwd(q, k, v, qp, kp, qs, ks, scale, block):
 
 def _attention_bwd(scale, block, res, d_out):
   q, k, v, qp, kp, qs, ks, out, lse = res
-  batch, length, heads, head_dim = q.shape
+  length = q.shape[1]
+  qh, kh, vh = _heads_major(q, k, v)
   kv_heads = k.shape[2]
-  groups = heads // kv_heads
-  qg = q.reshape(batch, length, kv_heads, groups, head_dim)
-  dog = d_out.reshape(batch, length, kv_heads, groups, head_dim)
+  doh, outh = _queries_heads_major(d_out, kv_heads), _queries_heads_major(out, kv_heads)
   # delta = rowsum(dO * O) [batch, kv_heads, groups, length]
-  delta = jnp.einsum('bqhgd,bqhgd->bhgq', dog.astype(jnp.float32),
-                     out.reshape(qg.shape).astype(jnp.float32))
+  delta = jnp.einsum('bhgqd,bhgqd->bhgq', doh.astype(jnp.float32), outh.astype(jnp.float32))
   dq_blocks = []
-  dk = jnp.zeros(k.shape, jnp.float32)
-  dv = jnp.zeros(v.shape, jnp.float32)
+  dkh = jnp.zeros(kh.shape, jnp.float32)
+  dvh = jnp.zeros(vh.shape, jnp.float32)
   for i in range(length // block):
     start, end = i * block, (i + 1) * block
-    s = _logits(qg[:, start:end], k, i, block, scale)
+    qh_blk, do_blk = qh[:, :, :, start:end], doh[:, :, :, start:end]
+    s = _logits(qh_blk, kh, i, block, scale)
     s = jnp.where(_mask(i, block, qp, kp, qs, ks), s, -jnp.inf)
     p = jnp.exp(s - lse[..., start:end, None])
-    do_blk = dog[:, start:end]
-    dv = dv.at[:, :end].add(jnp.einsum('bhgqk,bqhgd->bkhd', p.astype(v.dtype), do_blk,
-                                       preferred_element_type=jnp.float32))
-    dp = jnp.einsum('bqhgd,bkhd->bhgqk', do_blk, v[:, :end], preferred_element_type=jnp.float32)
+    dvh = dvh.at[:, :, :end].add(jnp.einsum('bhgqk,bhgqd->bhkd', p.astype(v.dtype), do_blk,
+                                            preferred_element_type=jnp.float32))
+    dp = jnp.einsum('bhgqd,bhkd->bhgqk', do_blk, vh[:, :, :end],
+                    preferred_element_type=jnp.float32)
     ds = p * (dp - delta[..., start:end, None]) * scale
-    dq_blocks.append(jnp.einsum('bhgqk,bkhd->bqhgd', ds.astype(k.dtype), k[:, :end],
+    dq_blocks.append(jnp.einsum('bhgqk,bhkd->bhgqd', ds.astype(k.dtype), kh[:, :, :end],
                                 preferred_element_type=jnp.float32))
-    dk = dk.at[:, :end].add(jnp.einsum('bhgqk,bqhgd->bkhd', ds.astype(q.dtype), qg[:, start:end],
-                                       preferred_element_type=jnp.float32))
-  dq = jnp.concatenate(dq_blocks, axis=1).reshape(q.shape)
+    dkh = dkh.at[:, :, :end].add(jnp.einsum('bhgqk,bhgqd->bhkd', ds.astype(q.dtype), qh_blk,
+                                            preferred_element_type=jnp.float32))
+  dq = _from_heads_major(jnp.concatenate(dq_blocks, axis=3), q.shape)
   zeros = lambda x: None if x is None else jnp.zeros(x.shape, jax.dtypes.float0)
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+  return (dq.astype(q.dtype), dkh.transpose(0, 2, 1, 3).astype(k.dtype),
+          dvh.transpose(0, 2, 1, 3).astype(v.dtype),
           zeros(qp), zeros(kp), zeros(qs), zeros(ks))
 
 

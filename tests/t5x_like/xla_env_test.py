@@ -30,7 +30,9 @@ def test_user_flags_win():
   flag = xla_env.CPU_FLAGS[0].split('=')[0]
   assert xla_env.flags_with_defaults('') == ' '.join(xla_env.CPU_FLAGS)
   mine = f'--foo=1 {flag}=-eltwise'
-  assert xla_env.flags_with_defaults(mine) == mine
+  assert xla_env.flags_with_defaults(mine) == ' '.join((mine,) + xla_env.CPU_FLAGS[1:])
+  everything = mine + ''.join(f' {f.split("=")[0]}=x' for f in xla_env.CPU_FLAGS[1:])
+  assert xla_env.flags_with_defaults(everything) == everything
 
 
 def test_train_step_values_unchanged():
