@@ -31,6 +31,7 @@ setuptools.setup(
         'numpy>=2.0,<3',
         'scipy>=1.10,<2',  # scaling-law fits (t5x_like/scaling.py)
         'matplotlib>=3.8,<4',  # sweep reports' plots (t5x_like/sweep.py)
+        'filelock>=3.12,<4',  # JAX's size-capped compilation cache (t5x_like/xla_env.py)
     ],
     extras_require={
         'test': ['pytest>=8,<10', 'pytest-xdist>=3.8,<4',
