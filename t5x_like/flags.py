@@ -106,10 +106,10 @@ def start(entry: str, module_name: str) -> None:
   modules import only the standard library."""
   from t5x_like import signals  # pylint: disable=g-import-not-at-top
   from t5x_like import xla_env  # pylint: disable=g-import-not-at-top
-  if module_name == '__main__' and wants_help():
-    parser_for(entry).print_help()
-    sys.exit(0)
   if module_name == '__main__':
+    if wants_help():
+      parser_for(entry).print_help()
+      sys.exit(0)
     xla_env.reexec_with_malloc_tunables()
   xla_env.apply()
   signals.install()

@@ -21,7 +21,7 @@ import sysconfig
 import tempfile
 from typing import Dict, Iterator, List, Tuple
 
-from t5x_like import utils
+from t5x_like import xla_env
 
 DOMAINS = ('code', 'prose')
 SPLITS = ('train', 'validation')
@@ -32,7 +32,7 @@ _EXCLUDED_DIRS = {'site-packages', 'dist-packages', 'test', 'tests', 'idle_test'
                   '__pycache__', 'lib2to3'}
 
 
-cache_root = utils.cache_root
+cache_root = xla_env.cache_root
 
 
 def corpus_dir() -> str:
