@@ -20,7 +20,7 @@ _TF_NOISE = re.compile(
     r'|TF-TRT Warning: Could not find TensorRT')
 
 # Keras 3, which TensorFlow imports eagerly, imports IPython and matplotlib when they are
-# installed, for notebook display and image galleries we never use: about 0.9 s of every
+# installed, for notebook display and image galleries we never use: about 0.6 s of every
 # launch on a 2-core machine. While TensorFlow imports, those two read as absent (keras
 # treats both as optional); afterwards they import as usual. One already imported (a
 # notebook's IPython) is left alone.

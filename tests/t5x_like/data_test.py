@@ -1,7 +1,10 @@
 """Corpus, preprocessors, the resumable input pipeline and the package's import graph."""
 
 import ast
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -180,9 +183,6 @@ def test_tensorflow_import_skips_keras_optional_extras():
   """Importing the data package (TensorFlow, which imports keras) leaves IPython and
   matplotlib unimported, and both import as usual afterwards; one imported before
   (a notebook's IPython) is the same module after."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   code = '\n'.join([
       'import sys',
       'before = None',
@@ -194,7 +194,7 @@ def test_tensorflow_import_skips_keras_optional_extras():
       'assert before is None or IPython is before',
       'print("ok")'])
   for mode, expected in (('plain', '[]'), ('ipython_first', "['IPython']")):
-    out = subprocess.run([sys.executable, '-c', code, mode], cwd=root, capture_output=True,
+    out = subprocess.run([sys.executable, '-c', code, mode], cwd=tu.ROOT, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines() == [expected, 'ok'], out.stdout
@@ -235,19 +235,16 @@ def test_autograph_skip_changes_no_batch():
   converter and kind of task shipped: decoder (packed and not), prefix LM, encoder-decoder
   (span corruption), instructions, preference pairs. (UL2's denoisers use the same seqio
   functions as span corruption.)"""
-  import json  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   from t5x_like import data  # pylint: disable=g-import-not-at-top
   assert os.environ.get('T5X_LIKE_AUTOGRAPH_ALL') != '1' and data.AUTOGRAPH_SKIPPED
-  tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  tests = os.path.join(tu.ROOT, 'tests')
   here = {}
   exec(_AUTOGRAPH_CASES, here)  # pylint: disable=exec-used
   code = ('import json, os, sys\n' f'sys.path.insert(0, {tests!r})\n' + _AUTOGRAPH_CASES +
           'print(json.dumps({"out": out, "skipping": skipping}), flush=True)\n'
           'os._exit(0)  # (TF generator datasets can hang the interpreter at exit)\n')
   env = {**os.environ, 'T5X_LIKE_AUTOGRAPH_ALL': '1'}
-  out = subprocess.run([sys.executable, '-c', code], cwd=os.path.dirname(tests), env=env,
+  out = subprocess.run([sys.executable, '-c', code], cwd=tu.ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   converted = json.loads(out.stdout.strip().splitlines()[-1])
