@@ -23,17 +23,13 @@ from t5x_like import flags
 from t5x_like import gin_utils
 from t5x_like import signals
 from t5x_like import utils
-from t5x_like.data import mixtures
-from t5x_like.data import pipeline
-from t5x_like.data import preprocessors
-from t5x_like.data import selection
-from t5x_like.data import sources
+from t5x_like.data import errors as data_errors
 
 # Errors that mean "the inputs are wrong": reported as one line, exit code 2.
 INPUT_ERRORS = (utils.InputError, gin_utils.GinError, model_config.ConfigError, mesh_lib.MeshError,
-                partitioner_lib.BatchError, pipeline.DataError, checkpoints.CheckpointError,
-                preprocessors.ObjectiveError, mixtures.MixtureError, sources.SourceError,
-                selection.SelectionError, decoding.DecodingError)
+                partitioner_lib.BatchError, data_errors.DataError, checkpoints.CheckpointError,
+                data_errors.ObjectiveError, data_errors.MixtureError, data_errors.SourceError,
+                data_errors.SelectionError, decoding.DecodingError)
 
 
 class ArgumentParser(argparse.ArgumentParser):

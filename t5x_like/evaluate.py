@@ -34,6 +34,7 @@ from t5x_like import loop
 from t5x_like import trainer as trainer_lib
 from t5x_like import utils
 from t5x_like.data import pipeline
+from t5x_like.data import tf_setup  # pylint: disable=unused-import,g-bad-import-order  (TensorFlow, quietly, first)
 import seqio  # pylint: disable=g-bad-import-order  (after t5x_like.data: TF imported quietly)
 
 # Shown in the console table, in this order, when present.

@@ -32,15 +32,13 @@ from t5x_like import checkpoints
 from t5x_like import cli
 from t5x_like import decoding
 from t5x_like import gin_utils
-from t5x_like import infer as infer_lib
 from t5x_like import loop
 from t5x_like import optimizers
 from t5x_like import signals
 from t5x_like import trainer as trainer_lib
 from t5x_like import utils
-from t5x_like import vocabularies
-from t5x_like.data import denoisers
 from t5x_like.data import pipeline
+from t5x_like.data import service
 
 logger = logging.getLogger('t5x_like')
 
@@ -79,6 +77,7 @@ def train(*,
           peak_flops: Optional[float] = None,
           tensorboard: bool = True,
           hooks: Sequence[loop.Hook] = (),
+          input_process: Optional[bool] = None,
           config_str: Optional[str] = None) -> Dict[str, Any]:
   """Trains `model` for `train_steps` steps, resuming from MODEL_DIR if it can.
 
@@ -125,6 +124,10 @@ def train(*,
     tensorboard: write TensorBoard event files.
     hooks: more `loop.Hook`s, called after the standard ones (non-finite
       check, step records, progress log, evaluation, checkpoints).
+    input_process: run the input pipeline in a process of its own
+      (`t5x_like/data/service.py`): the same batches, made on another core while
+      this one builds and compiles the model. None: when started from the
+      command line and this process has not imported TensorFlow.
     config_str: the operative gin config to write as MODEL_DIR/config.gin
       (and config.<start step>.gin, one per launch).
 
@@ -133,22 +136,36 @@ def train(*,
     'seconds'} of the run.
   """
   # --- checks: nothing is written before these pass ------------------------------
-  _check_settings(locals())
+  settings = dict(locals())
+  _check_settings(settings)
   _check_model_dir(model_dir)
-  pipeline.validate(train_dataset, model)
-  shapes = pipeline.batch_shapes(train_dataset, model)
-  loss_groups = denoisers.loss_groups(train_dataset.mixture_or_task_name)
-  trainer = trainer_lib.Trainer(model, optimizer, partitioner, shapes,
-                                num_microbatches=num_microbatches, seed=seed,
-                                loss_groups=loss_groups, trainable_params=trainable_params)
+  inputs = service.take(settings.pop('input_process'))
+  try:
+    return _train(inputs, **settings)
+  finally:
+    inputs.close()
+
+
+def _train(inputs, *, model, train_dataset, optimizer, partitioner, model_dir, train_steps,
+           num_microbatches, seed, log_every, eval_every, eval_steps, eval_split,
+           checkpoint_every, keep_checkpoints, keep_period, async_checkpointing,
+           allow_data_changes, initial_checkpoint, initial_checkpoint_upcycle,
+           trainable_params, spike_recovery, samples, sample_prompt_length, sample_decoding,
+           evaluate_if_done, peak_flops, tensorboard, hooks, config_str) -> Dict[str, Any]:
+  """train() once its own settings are checked, with `inputs` (service.take) serving the data."""
   eval_dataset = None
   if eval_split:
     eval_dataset = dataclasses.replace(train_dataset, split=eval_split, shuffle=False)
-    pipeline.validate(eval_dataset, model)
+  prepared = inputs.prepare(train_dataset, eval_dataset, model)
+  shapes = prepared.shapes
+  trainer = trainer_lib.Trainer(model, optimizer, partitioner, shapes,
+                                num_microbatches=num_microbatches, seed=seed,
+                                loss_groups=prepared.loss_groups,
+                                trainable_params=trainable_params)
+  prepared.check_eval()
   initial = adapters.initial_checkpoint(initial_checkpoint, initial_checkpoint_upcycle, model,
                                         train_dataset.task_feature_lengths)
-  data = pipeline.InputIterator(train_dataset, model,
-                                partitioner.host_slice(train_dataset.batch_size))
+  data = inputs.iterator(train_dataset, model, partitioner.host_slice(train_dataset.batch_size))
   # A run that trains part of the model checkpoints only that part (and its optimizer
   # state); the frozen rest is rebuilt from where the run started (adapters.py).
   view = _partial_view(trainer) if trainer.partial else None
@@ -196,7 +213,8 @@ def train(*,
   loop.chief_print(
       f'data: {train_dataset.mixture_or_task_name} {dict(lengths)}, global batch '
       f'{train_dataset.batch_size}, {tokens_per_step:,} tokens/step' +
-      (f'; loss logged per denoiser family {", ".join(loss_groups)}' if loss_groups else ''))
+      (f'; loss logged per denoiser family {", ".join(prepared.loss_groups)}'
+       if prepared.loss_groups else ''))
   if resumed is not None:
     _describe_resume(resumed, data, train_steps)
     if start_step >= train_steps and not evaluate_if_done:
@@ -268,8 +286,8 @@ def train(*,
                                               save_at_start=spike is not None)
     evaluation = None
     if eval_dataset is not None:
-      eval_it = pipeline.InputIterator(eval_dataset, model,
-                                       partitioner.host_slice(eval_dataset.batch_size))
+      eval_it = inputs.iterator(eval_dataset, model,
+                                partitioner.host_slice(eval_dataset.batch_size))
       evaluation = loop.Evaluation(trainer, [next(eval_it) for _ in range(eval_steps)], writer,
                                    eval_every)
     standard = [
@@ -302,6 +320,8 @@ def train(*,
 
 def _print_samples(model, params, partitioner, dataset, split, n, prompt_length, config):
   """Sampled continuations of `n` validation prompts, printed and returned."""
+  from t5x_like import infer as infer_lib  # pylint: disable=g-import-not-at-top  (TensorFlow: seqio)
+  from t5x_like import vocabularies  # pylint: disable=g-import-not-at-top
   config = config or decoding.DecodingConfig(temperature=0.7, top_p=0.95, max_decode_length=64)
   name = dataset.mixture_or_task_name
   vocabulary = vocabularies.task_vocabulary(name)
@@ -350,6 +370,8 @@ def _check_settings(args: Dict[str, Any]) -> None:
   for flag in ('async_checkpointing', 'allow_data_changes', 'initial_checkpoint_upcycle',
                'evaluate_if_done', 'tensorboard'):
     utils.check_bool(_setting(flag, args[flag]), args[flag])
+  if args['input_process'] is not None:
+    utils.check_bool(_setting('input_process', args['input_process']), args['input_process'])
   if args['trainable_params'] is not None:
     try:
       re.compile(args['trainable_params'])
@@ -398,7 +420,7 @@ def _check_model_dir(model_dir) -> None:
                              'new directory')
 
 
-def _describe_resume(resumed: checkpoints.Restored, data: pipeline.InputIterator,
+def _describe_resume(resumed: checkpoints.Restored, data,
                      train_steps: int) -> None:
   loop.chief_print(f'resumed from step {resumed.step} ({"verified" if resumed.verified else "unverified: written without digests"}); '
                    f'data position {data.batches_consumed} batches')

@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-# t5x_like.data first: it imports TensorFlow (under seqio) with its CUDA probing quiet.
+# tf_setup first: it imports TensorFlow (under seqio) with its CUDA probing quiet.
+from t5x_like.data import tf_setup  # pylint: disable=unused-import,g-bad-import-order
 from t5x_like.data import registry  # pylint: disable=g-bad-import-order
 import seqio  # pylint: disable=g-bad-import-order
 import tensorflow as tf  # pylint: disable=g-bad-import-order

@@ -30,6 +30,7 @@ import dataclasses
 import functools
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
+from t5x_like.data import tf_setup  # pylint: disable=unused-import,g-bad-import-order  (TensorFlow, quietly, first)
 import seqio
 
 from t5x_like.data import mixtures

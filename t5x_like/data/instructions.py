@@ -34,18 +34,19 @@ import tempfile
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+from t5x_like.data import tf_setup  # pylint: disable=unused-import,g-bad-import-order  (TensorFlow, quietly, first)
 import seqio
 import tensorflow as tf
 
 from t5x_like.data import corpus
 from t5x_like.data import preprocessors as prep
 from t5x_like.data import registry
+from t5x_like.data import errors
 
 ROLES = ('system', 'user', 'assistant', 'tool')
 
 
-class SftDataError(ValueError):
-  """Fine-tuning data that cannot be used."""
+SftDataError = errors.SftDataError  # (defined apart, importable without TensorFlow)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,15 +24,16 @@ import difflib
 import math
 from typing import Callable, Optional, Sequence, Union
 
+from t5x_like.data import tf_setup  # pylint: disable=unused-import,g-bad-import-order  (TensorFlow, quietly, first)
 import seqio
 
 from t5x_like.data import registry
 
 from t5x_like.data import sources
+from t5x_like.data import errors
 
 
-class MixtureError(ValueError):
-  """A mixture that cannot be built as configured."""
+MixtureError = errors.MixtureError  # (defined apart, importable without TensorFlow)
 
 
 RATE_BY = ('equal', 'examples', 'characters')

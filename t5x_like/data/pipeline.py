@@ -7,26 +7,39 @@ restored iterator skips exactly that many batches, so a resumed run sees the
 exact next batch. Skipping replays the preprocessing of the skipped batches.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import hashlib
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+import itertools
+from typing import Any, Dict, Iterator, List, Mapping, Optional, TYPE_CHECKING
 
 import numpy as np
-import seqio
-import tensorflow as tf
 
 from models import model as model_lib
 from models import preference
 from t5x_like import gin_utils
 from t5x_like import utils
-from t5x_like.data import mixtures
-from t5x_like.data import preferences
-from t5x_like.data import registry
-from t5x_like.data import tasks  # pylint: disable=unused-import  (registers the corpus tasks)
+from t5x_like.data import errors
+
+if TYPE_CHECKING:
+  import seqio
+  import tensorflow as tf
 
 
-class DataError(ValueError):
-  """A dataset configuration that cannot be served."""
+def _seqio():
+  """seqio with the shipped tasks registered, imported on first use.
+
+  Importing this module imports no TensorFlow: `DatasetConfig`, `DataError`
+  and `batch_hash` serve a trainer whose batches come from the input process
+  (service.py), and everything that reads data imports the seqio side here.
+  """
+  from t5x_like.data import tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the corpus tasks)
+  import seqio  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  return seqio
+
+
+DataError = errors.DataError  # (defined apart, importable without TensorFlow)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +89,9 @@ class DatasetConfig:
 
 
 def get_mixture_or_task(name: str):
+  seqio = _seqio()  # pylint: disable=redefined-outer-name
+  from t5x_like.data import mixtures  # pylint: disable=g-import-not-at-top
+  from t5x_like.data import registry  # pylint: disable=g-import-not-at-top
   registry.ensure(name)
   try:
     return seqio.get_mixture_or_task(name)
@@ -89,6 +105,8 @@ def get_mixture_or_task(name: str):
 def feature_converter(model: model_lib.BaseModel, task_feature_lengths: Mapping[str, int],
                       pack: bool) -> seqio.FeatureConverter:
   """The seqio converter that produces `model`'s features."""
+  seqio = _seqio()  # pylint: disable=redefined-outer-name
+  from t5x_like.data import preferences  # pylint: disable=g-import-not-at-top
   if isinstance(model, preference.PairedModel):
     return preferences.PairedFeatureConverter(model.encoder_decoder, pack)
   if isinstance(model, model_lib.EncoderDecoderModel):
@@ -117,7 +135,7 @@ def validate(config: DatasetConfig, model: model_lib.BaseModel) -> None:
                       f'model vocab_size is {model.config.vocab_size}: raise '
                       f'{type(model.config).__name__}.vocab_size')
   if config.split not in task.splits:
-    raise DataError(f'split {config.split!r} is not one of {list(task.splits)}: set '
+    raise DataError(f'split {config.split!r} is not one of {sorted(task.splits)}: set '
                     f'{"train_lib.train.eval_split" if config.split != "train" else "pipeline.DatasetConfig.split"} '
                     'to one of those')
   model.check_lengths(config.task_feature_lengths)
@@ -199,6 +217,8 @@ def batch_hash(batch: Mapping[str, np.ndarray]) -> str:
 
 def fingerprint(config: DatasetConfig) -> Dict[str, Any]:
   """What makes two pipelines the same stream: checked when an iterator is restored."""
+  _seqio()
+  from t5x_like.data import mixtures  # pylint: disable=g-import-not-at-top
   return {'seed': config.seed, 'batch_size': config.batch_size,
           'mixture_or_task_name': config.mixture_or_task_name,
           'task_feature_lengths': dict(config.task_feature_lengths),
@@ -237,6 +257,16 @@ class InputIterator:
         ds = ds.skip(self.batches_consumed)
       self._it = ds.prefetch(2).as_numpy_iterator()
     return self._it
+
+  def warm(self) -> None:
+    """Builds the pipeline and makes the next batch now (the input process does this
+    while the trainer compiles); the next `__next__` serves it. Changes no position."""
+    it = self._iterator()
+    try:
+      first = next(it)
+    except StopIteration:
+      return
+    self._it = itertools.chain([first], it)
 
   def __iter__(self):
     return self

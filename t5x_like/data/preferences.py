@@ -23,18 +23,19 @@ import random
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
+from t5x_like.data import tf_setup  # pylint: disable=unused-import,g-bad-import-order  (TensorFlow, quietly, first)
 import seqio
 import tensorflow as tf
 
 from t5x_like.data import corpus
 from t5x_like.data import instructions
 from t5x_like.data import registry
+from t5x_like.data import errors
 
 FIELDS = ('prompt', 'chosen', 'rejected')
 
 
-class PreferenceDataError(ValueError):
-  """Preference data that cannot be used."""
+PreferenceDataError = errors.PreferenceDataError  # (defined apart, importable without TensorFlow)
 
 
 REFERENCE_FEATURES = ('reference_chosen_log_likelihood', 'reference_rejected_log_likelihood')

@@ -17,12 +17,13 @@ the three extra ids below them are the UL2 mode tokens (see MODE_TOKENS).
 import math
 from typing import Callable, Mapping, Optional, Tuple
 
+from t5x_like.data import tf_setup  # pylint: disable=unused-import,g-bad-import-order  (TensorFlow, quietly, first)
 import seqio
 import tensorflow as tf
+from t5x_like.data import errors
 
 
-class ObjectiveError(ValueError):
-  """An objective that cannot be applied to the given lengths or vocabulary."""
+ObjectiveError = errors.ObjectiveError  # (defined apart, importable without TensorFlow)
 
 
 def split_tokens(dataset: tf.data.Dataset, max_tokens_per_segment: int,

@@ -7,6 +7,7 @@ denoisers) both import this module and not each other.
 import functools
 from typing import Callable, Dict, Mapping, Sequence
 
+from t5x_like.data import tf_setup  # pylint: disable=unused-import,g-bad-import-order  (TensorFlow, quietly, first)
 import seqio
 
 # 3 UL2 mode tokens and 97 sentinels (see preprocessors.MODE_TOKENS).

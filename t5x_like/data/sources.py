@@ -42,10 +42,12 @@ import weakref
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+from t5x_like.data import tf_setup  # pylint: disable=unused-import,g-bad-import-order  (TensorFlow, quietly, first)
 import seqio
 import tensorflow as tf
 
 from t5x_like.data import corpus
+from t5x_like.data import errors
 
 Patterns = Union[str, Sequence[str]]
 SplitPatterns = Mapping[str, Patterns]
@@ -54,8 +56,7 @@ _OUTPUT_SIGNATURE = {'text': tf.TensorSpec((), tf.string)}
 _CHUNK = 1 << 16
 
 
-class SourceError(ValueError):
-  """A data source that cannot be read as configured."""
+SourceError = errors.SourceError  # (defined apart, importable without TensorFlow)
 
 
 class TextSource(seqio.FunctionDataSource):

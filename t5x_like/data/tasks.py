@@ -19,6 +19,7 @@ import logging
 import os
 from typing import Sequence
 
+from t5x_like.data import tf_setup  # pylint: disable=unused-import,g-bad-import-order  (TensorFlow, quietly, first)
 import seqio
 import tensorflow as tf
 

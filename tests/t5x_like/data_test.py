@@ -180,7 +180,7 @@ def test_data_package_has_no_import_cycles():
 
 
 def test_tensorflow_import_skips_keras_optional_extras():
-  """Importing the data package (TensorFlow, which imports keras) leaves IPython and
+  """Importing TensorFlow (tf_setup; TensorFlow imports keras) leaves IPython and
   matplotlib unimported, and both import as usual afterwards; one imported before
   (a notebook's IPython) is the same module after."""
   code = '\n'.join([
@@ -188,7 +188,7 @@ def test_tensorflow_import_skips_keras_optional_extras():
       'before = None',
       'if sys.argv[1] == "ipython_first":',
       '  import IPython; before = IPython',
-      'import t5x_like.data, keras',
+      'import t5x_like.data.tf_setup, keras',
       'print(sorted(m for m in ("IPython", "matplotlib") if m in sys.modules))',
       'import IPython, matplotlib.pyplot',
       'assert before is None or IPython is before',
@@ -230,13 +230,13 @@ skipping = [r._prefix for r in config.CONVERSION_RULES if r._prefix.startswith('
 
 
 def test_autograph_skip_changes_no_batch():
-  """The seqio modules traced without AutoGraph (t5x_like.data.AUTOGRAPH_SKIPPED, as in this
+  """The seqio modules traced without AutoGraph (tf_setup.AUTOGRAPH_SKIPPED, as in this
   process) give the same batches as a process that converts everything, for every feature
   converter and kind of task shipped: decoder (packed and not), prefix LM, encoder-decoder
   (span corruption), instructions, preference pairs. (UL2's denoisers use the same seqio
   functions as span corruption.)"""
-  from t5x_like import data  # pylint: disable=g-import-not-at-top
-  assert os.environ.get('T5X_LIKE_AUTOGRAPH_ALL') != '1' and data.AUTOGRAPH_SKIPPED
+  from t5x_like.data import tf_setup  # pylint: disable=g-import-not-at-top
+  assert os.environ.get('T5X_LIKE_AUTOGRAPH_ALL') != '1' and tf_setup.AUTOGRAPH_SKIPPED
   tests = os.path.join(tu.ROOT, 'tests')
   here = {}
   exec(_AUTOGRAPH_CASES, here)  # pylint: disable=exec-used
@@ -249,4 +249,4 @@ def test_autograph_skip_changes_no_batch():
   assert out.returncode == 0, out.stderr[-3000:]
   converted = json.loads(out.stdout.strip().splitlines()[-1])
   assert len(here['out']) == 6 and here['out'] == converted['out']
-  assert here['skipping'] == list(data.AUTOGRAPH_SKIPPED) and converted['skipping'] == []
+  assert here['skipping'] == list(tf_setup.AUTOGRAPH_SKIPPED) and converted['skipping'] == []

@@ -12,7 +12,9 @@ import dataclasses
 from typing import Optional, Sequence, Union
 
 import numpy as np
+from t5x_like.data import tf_setup  # pylint: disable=unused-import,g-bad-import-order  (TensorFlow, quietly, first)
 import tensorflow as tf
+from t5x_like.data import errors
 
 DEFAULT_NGRAM_ORDER = 2
 
@@ -23,8 +25,7 @@ _PUNCTUATION = r'([^\pL\pN_\s])'
 Texts = Sequence[Union[str, bytes]]
 
 
-class SelectionError(ValueError):
-  """Data selection given inputs it cannot use; the message names the fix."""
+SelectionError = errors.SelectionError  # (defined apart, importable without TensorFlow)
 
 
 def check_feature_args(num_buckets: int, ngram_order: int) -> None:

@@ -6,6 +6,7 @@ preprocessors, or wrap an existing Task or Mixture with `register_filtered`.
 
 from typing import Callable, Optional, Sequence
 
+from t5x_like.data import tf_setup  # pylint: disable=unused-import,g-bad-import-order  (TensorFlow, quietly, first)
 import seqio
 import tensorflow as tf
 
