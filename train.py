@@ -5,6 +5,11 @@
 from t5x_like import flags
 
 flags.start('train', __name__)
+if __name__ == '__main__':
+  # The input pipeline's process starts now (t5x_like/data/service.py), so that it imports
+  # TensorFlow and builds the pipeline while this one imports JAX and builds the model.
+  from t5x_like.data import service  # pylint: disable=g-import-not-at-top,wrong-import-position
+  service.prestart()
 
 from t5x_like.train import console_main  # pylint: disable=g-import-not-at-top,wrong-import-position
 

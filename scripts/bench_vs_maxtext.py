@@ -14,9 +14,17 @@ at 8 x 512 and 2 x 2048 tokens a step. Rounds alternate which side goes first, s
 noisy window hurts both. Per run it measures, from outside the process:
   tokens/s        tokens per step / the median wall-clock gap between step lines
                   (the first `--skip` gaps are left out: compilation and warm-up);
-  CPU s/step      the process's user+system CPU seconds (/proc) over those same
-                  gaps, per step: more CPU than wall time x cores means contention;
-  peak RSS        the process's maximum resident set size (wait4);
+  CPU s/step      the user+system CPU seconds (/proc) of the process and those it
+                  started over those same gaps, per step: more CPU than wall time x
+                  cores means contention;
+  peak RSS        the maximum resident set size of the process (wait4) plus that of
+                  every process it started (ours: the input process, t5x_like/data/
+                  service.py; each one's kernel high-water mark VmHWM, read every 0.2 s):
+                  an upper bound, since pages they share count twice and the peaks
+                  need not coincide;
+  peak PSS        the largest sum, over the same processes, of their proportional set
+                  size, sampled every 0.2 s: the memory the job holds, shared pages
+                  counted once;
   first step      seconds from launch to the first step's line, cold (round 1: an
                   empty persistent compilation cache) and warm (the median of the
                   later rounds, which find the train step compiled by round 1).
@@ -42,6 +50,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -75,24 +84,93 @@ def _cpu_seconds(pid: int) -> float:
   return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
 
+def _descendants(pid: int) -> List[int]:
+  """`pid`'s child processes, theirs, and so on (Linux /proc)."""
+  out, todo = [], [pid]
+  while todo:
+    p = todo.pop()
+    try:
+      for task in os.listdir(f'/proc/{p}/task'):
+        with open(f'/proc/{p}/task/{task}/children') as f:
+          kids = [int(k) for k in f.read().split()]
+        out += kids
+        todo += kids
+    except OSError:
+      pass
+  return out
+
+
+def _status_kib(pid: int, field: str) -> int:
+  with open(f'/proc/{pid}/status') as f:
+    for line in f:
+      if line.startswith(field + ':'):
+        return int(line.split()[1])
+  return 0
+
+
+def _pss_kib(pid: int) -> int:
+  with open(f'/proc/{pid}/smaps_rollup') as f:
+    for line in f:
+      if line.startswith('Pss:'):
+        return int(line.split()[1])
+  return 0
+
+
+class TreeMemory(threading.Thread):
+  """Samples a process and its descendants (an input process) every `every` seconds:
+  each one's peak RSS (the kernel's VmHWM, exact) and the summed proportional set
+  size (PSS: pages shared between them, such as the Python and JAX libraries both
+  load, counted once in all)."""
+
+  def __init__(self, pid: int, every: float = 0.2):
+    super().__init__(daemon=True)
+    self.pid, self.every = pid, every
+    self.hwm: Dict[int, int] = {}  # pid -> peak RSS (KiB), of every process seen
+    self.peak_pss = 0  # KiB
+    self.done = threading.Event()
+
+  def run(self):
+    while not self.done.is_set():
+      total = 0
+      for pid in [self.pid] + _descendants(self.pid):
+        try:
+          self.hwm[pid] = max(self.hwm.get(pid, 0), _status_kib(pid, 'VmHWM'))
+          total += _pss_kib(pid)
+        except (OSError, ValueError):
+          pass
+      self.peak_pss = max(self.peak_pss, total)
+      self.done.wait(self.every)
+
+
 def run(cmd: List[str], env: Dict[str, str], step_re, tokens: int, skip: int,
         log: Optional[str] = None) -> Dict[str, float]:
   """Runs one training process; -> its measurements (see the module docstring)."""
   start = time.monotonic()
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1)
+  memory = TreeMemory(proc.pid)
+  memory.start()
   marks, lines, mfus = [], [], []  # (wall seconds since launch, CPU seconds) at each step line
   for line in proc.stdout:
     lines.append(line)
     if _OURS_MFU.search(line):
       mfus.append(float(_OURS_MFU.search(line).group(1)) / 100)
     if step_re.search(line):
-      try:
+      try:  # (the input process's CPU time counts too)
         cpu = _cpu_seconds(proc.pid)
+        for pid in _descendants(proc.pid):
+          try:
+            cpu += _cpu_seconds(pid)
+          except OSError:
+            pass
       except OSError:
         cpu = float('nan')
       marks.append((time.monotonic() - start, cpu))
   _, status, usage = os.wait4(proc.pid, 0)
+  memory.done.set()
+  memory.join()
+  # The launched process's own peak is wait4's (exact); the others' are their last VmHWM.
+  others = [kib for pid, kib in memory.hwm.items() if pid != proc.pid]
   if log:
     with open(log, 'w') as f:
       f.writelines(lines)
@@ -104,7 +182,9 @@ def run(cmd: List[str], env: Dict[str, str], step_re, tokens: int, skip: int,
   return {'tokens_per_s': tokens / statistics.median(gaps),
           'cpu_per_step': statistics.median(cpu),
           'step_s': statistics.median(gaps),
-          'rss_gib': usage.ru_maxrss / 2**20,
+          'rss_gib': (usage.ru_maxrss + sum(others)) / 2**20,
+          'pss_gib': memory.peak_pss / 2**20,
+          'processes': 1 + len(others),
           'first_step_s': marks[0][0],
           'console_mfu': statistics.median(mfus[skip + 1:]) if len(mfus) > skip + 1 else None}
 
@@ -179,8 +259,9 @@ def _rounds(args, extra, maxtext, results, caches):
           shutil.rmtree(tmp, ignore_errors=True)
         results[(side, length)].append(m)
         print(f'round {r + 1} {side:<7} {batch} x {length}: {m["tokens_per_s"]:7.0f} tok/s  '
-              f'{m["cpu_per_step"]:5.1f} CPU s/step  {m["rss_gib"]:.2f} GiB  first step '
-              f'{m["first_step_s"]:.1f} s', flush=True)
+              f'{m["cpu_per_step"]:5.1f} CPU s/step  RSS {m["rss_gib"]:.2f} GiB '
+              f'({m["processes"]} process{"es" if m["processes"] > 1 else ""})  PSS '
+              f'{m["pss_gib"]:.2f} GiB  first step {m["first_step_s"]:.1f} s', flush=True)
 
 
 def main(argv=None):
@@ -227,7 +308,7 @@ def main(argv=None):
       ms = results[(side, length)]
       if ms:
         med[side] = {k: statistics.median(m[k] for m in ms)
-                     for k in ('tokens_per_s', 'cpu_per_step', 'rss_gib', 'mfu')}
+                     for k in ('tokens_per_s', 'cpu_per_step', 'rss_gib', 'pss_gib', 'mfu')}
         med[side]['cold'] = ms[0]['first_step_s']
         med[side]['warm'] = (statistics.median(m['first_step_s'] for m in ms[1:])
                              if len(ms) > 1 else float('nan'))
@@ -238,20 +319,23 @@ def main(argv=None):
                  if side == 'ours' and consoles else '')
       rows.append(f'| {shape} | {side} | {m["tokens_per_s"]:,.0f} | {100 * m["mfu"]:.1f}%'
                   f'{console} | {m["cpu_per_step"]:.1f} | {m["rss_gib"]:.2f} | '
-                  f'{m["cold"]:.1f} | {m["warm"]:.1f} |')
+                  f'{m["pss_gib"]:.2f} | {m["cold"]:.1f} | {m["warm"]:.1f} |')
     if len(med) == 2:
       o, t = med['ours'], med['maxtext']
       rows.append(f'| {shape} | **ours / MaxText** | **{o["tokens_per_s"] / t["tokens_per_s"]:.2f}x**'
                   f' | | {o["cpu_per_step"] / t["cpu_per_step"]:.2f}x | '
-                  f'**{o["rss_gib"] / t["rss_gib"]:.2f}x** | '
+                  f'**{o["rss_gib"] / t["rss_gib"]:.2f}x** | **{o["pss_gib"] / t["pss_gib"]:.2f}x** | '
                   f'{o["cold"] / t["cold"]:.2f}x | {o["warm"] / t["warm"]:.2f}x |')
   table = (f'MFU: model FLOPs ({", ".join(f"{flops_token[n] / 1e6:.1f} M/token at {n}" for n in args.lengths)}; '
            'causal attention counted over the pairs the mask leaves) over this machine\'s '
            f'measured f32 matmul peak, {peak / 1e9:.1f} GFLOP/s (utils.measured_matmul_peak, '
            'the console\'s denominator). Launch to first step: cold is round 1 (an empty '
            'compilation cache), warm the median of the later rounds.\n\n'
-           '| tokens/step | side | tokens/s | MFU | CPU s/step | peak RSS (GiB) | launch to first '
-           'step, cold (s) | warm (s) |\n|---|---|---|---|---|---|---|---|\n' + '\n'.join(rows) + '\n')
+           'Peak RSS sums the processes\' own peaks (ours: trainer and input process); peak PSS '
+           'is the largest sampled sum of their proportional set sizes.\n\n'
+           '| tokens/step | side | tokens/s | MFU | CPU s/step | peak RSS (GiB) | peak PSS (GiB) | '
+           'launch to first step, cold (s) | warm (s) |\n|---|---|---|---|---|---|---|---|---|\n'
+           + '\n'.join(rows) + '\n')
   print()
   print(table)
   if not args.no_append:

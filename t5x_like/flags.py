@@ -113,8 +113,3 @@ def start(entry: str, module_name: str) -> None:
     xla_env.reexec_with_malloc_tunables()
   xla_env.apply()
   signals.install()
-  if entry == 'train' and module_name == '__main__':
-    # The input pipeline's process starts now, so that it imports TensorFlow and
-    # builds the pipeline while this one imports JAX and builds the model.
-    from t5x_like.data import service  # pylint: disable=g-import-not-at-top
-    service.prestart()

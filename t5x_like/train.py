@@ -11,6 +11,8 @@ checkpoint compatibility) runs before anything is written to MODEL_DIR.
 if __name__ == '__main__':  # run as `python -m t5x_like.train`: what `python -m train` does first
   from t5x_like import flags as _flags  # pylint: disable=g-import-not-at-top
   _flags.start('train', __name__)
+  from t5x_like.data import service as _service  # pylint: disable=g-import-not-at-top
+  _service.prestart()  # (the input process: see train.py at the repository root)
 
 import dataclasses
 import logging

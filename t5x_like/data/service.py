@@ -1,6 +1,6 @@
 """The input process: the seqio/tf.data pipeline in a process of its own.
 
-`python -m train` starts it first thing (`prestart`, from `flags.start`), before
+`python -m train` starts it first thing (`prestart`, from train.py), before
 the trainer imports JAX. While the trainer imports JAX, builds the model, and
 initialises and compiles, the input process imports TensorFlow and seqio,
 validates the datasets, builds the pipeline and makes the first batch: about

@@ -94,8 +94,9 @@ def test_serves_what_the_pipeline_serves(process, case):
 def test_errors_come_back_as_raised(process):
   """Each error the pipeline raises in-process is raised by the input process's
   caller with the same class and message, in train()'s order of checks."""
-  bad = [
-      (pipeline.DatasetConfig('no_such_task', {'targets': 64}), DEC),  # validate
+  with pytest.raises(errors.DataError, match="unknown mixture or task 'no_such_task'"):
+    process.prepare(pipeline.DatasetConfig('no_such_task', {'targets': 64}), None, DEC)
+  bad = [  # (the same message here too: no part of it depends on what this process registered)
       (pipeline.DatasetConfig('stdlib_lm', {'inputs': 8, 'targets': 64}), DEC),  # a feature it lacks
       (pipeline.DatasetConfig('stdlib_lm', {'targets': 64}, split='nope'), DEC),
       (pipeline.DatasetConfig('stdlib_lm', {'targets': 64}),
