@@ -151,7 +151,7 @@ def run(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, data, train
         local = next(data)
         batch = trainer.shard_batch(local)
         if not compiled:  # (ahead of the first step, then the compiler's garbage is freed)
-          trainer.precompile_train_step(state, batch)
+          trainer.precompile_train_step(state, batch, once=True)  # (train() may have, ahead)
           compiled = True
         state, metrics = trainer.jit_train_step(state, batch)
         info = StepInfo(step=info.step + 1, state=state, train_steps=train_steps,

@@ -158,12 +158,29 @@ def _train(inputs, *, model, train_dataset, optimizer, partitioner, model_dir, t
   eval_dataset = None
   if eval_split:
     eval_dataset = dataclasses.replace(train_dataset, split=eval_split, shuffle=False)
-  prepared = inputs.prepare(train_dataset, eval_dataset, model)
+  wait_prepared = inputs.start_prepare(train_dataset, eval_dataset, model)
+
+  def make_trainer(facts):
+    return trainer_lib.Trainer(model, optimizer, partitioner, facts.shapes,
+                               num_microbatches=num_microbatches, seed=seed,
+                               loss_groups=facts.loss_groups, trainable_params=trainable_params)
+
+  # With an input process, the trainer is built, a fresh run's state initialised and the
+  # train step compiled from the predicted batch shapes while that process imports
+  # TensorFlow and builds the pipeline; its answer is checked below (a different one
+  # builds the trainer again from it, and the early work is dropped).
+  guess = inputs.predicted(train_dataset, model)
+  trainer, early_state = None, None
+  if guess is not None:
+    trainer = make_trainer(guess)
+    if not _has_checkpoints(model_dir):
+      early_state = trainer.init_state()  # (dispatched: it runs while the step compiles)
+    trainer.precompile_train_step(trainer.abstract_state, trainer.abstract_batch())
+  prepared = wait_prepared()
+  if trainer is None or (prepared.shapes, prepared.loss_groups) != (guess.shapes,
+                                                                    guess.loss_groups):
+    trainer, early_state = make_trainer(prepared), None
   shapes = prepared.shapes
-  trainer = trainer_lib.Trainer(model, optimizer, partitioner, shapes,
-                                num_microbatches=num_microbatches, seed=seed,
-                                loss_groups=prepared.loss_groups,
-                                trainable_params=trainable_params)
   prepared.check_eval()
   initial = adapters.initial_checkpoint(initial_checkpoint, initial_checkpoint_upcycle, model,
                                         train_dataset.task_feature_lengths)
@@ -183,7 +200,7 @@ def _train(inputs, *, model, train_dataset, optimizer, partitioner, model_dir, t
   start_step = resumed.step if resumed else 0
   start_state, frozen_record = None, None
   if view is not None:  # the frozen parameters, checked against the record when resuming
-    start_state = _starting_state(trainer, model, initial)
+    start_state = _starting_state(trainer, model, initial, early_state)
     frozen_record = adapters.record(trainer.trainable_pattern, trainer.frozen(start_state.params),
                                     initial, seed)
     earlier = adapters.read_record(model_dir)
@@ -268,7 +285,7 @@ def _train(inputs, *, model, train_dataset, optimizer, partitioner, model_dir, t
     elif resumed is not None:
       state = resumed.state
     else:
-      state = _starting_state(trainer, model, initial)
+      state = _starting_state(trainer, model, initial, early_state)
       if initial is not None:
         loop.chief_print(initial.describe())
 
@@ -446,10 +463,20 @@ def _write_config(model_dir: str, config_str: str, start_step: int) -> None:
     f.write(config_str)
 
 
+def _has_checkpoints(model_dir: str) -> bool:
+  """MODEL_DIR holds a checkpoint folder with some step in it (a resume, probably)."""
+  try:
+    return any(n.isdigit() for n in os.listdir(checkpoints.checkpoint_dir(model_dir)))
+  except OSError:
+    return False
+
+
 def _starting_state(trainer: trainer_lib.Trainer, model,
-                    initial: Optional[checkpoints.InitialCheckpoint]) -> trainer_lib.TrainState:
-  """A fresh run's state: initialised, then the initial checkpoint's parameters."""
-  state = trainer.init_state()
+                    initial: Optional[checkpoints.InitialCheckpoint],
+                    state: Optional[trainer_lib.TrainState] = None) -> trainer_lib.TrainState:
+  """A fresh run's state: initialised (or `state`, the same made earlier), then the
+  initial checkpoint's parameters."""
+  state = trainer.init_state() if state is None else state
   if initial is None:
     return state
   params = initial.restore(state.params)

@@ -151,6 +151,7 @@ class Trainer:
     self.batch_shardings = {k: partitioner.batch_sharding(v.ndim) for k, v in self._dummy.items()}
     self._build_abstract_state()
     self._jit_init = None
+    self._precompiled_for = None  # (the batch shapes and dtypes precompile_train_step compiled for)
     self._jit_train_step = None
     self._jit_eval_step = None
 
@@ -350,12 +351,23 @@ class Trainer:
                                  jax.devices()[0].platform) or None)
     return grad_program, update_program
 
-  def precompile_train_step(self, state, batch):
-    """Compiles the train step for these (sharded) arguments ahead of its first call,
-    which then finds it in JAX's compilation cache, and hands the compiler's freed
-    heap back to the system (utils.release_free_memory): otherwise the process keeps
-    it, and the first step's buffers come on top of it in the peak RSS. Returns the
-    compiled programs, one or two (`split_update`), for their memory analysis."""
+  def abstract_batch(self, dtype=np.int32) -> Dict[str, jax.ShapeDtypeStruct]:
+    """The global batch's shapes and shardings, for compiling before the first batch."""
+    return {k: jax.ShapeDtypeStruct(v.shape, dtype, sharding=self.batch_shardings[k])
+            for k, v in self._dummy.items()}
+
+  def precompile_train_step(self, state, batch, once: bool = False):
+    """Compiles the train step for these (sharded, or abstract: `abstract_state`,
+    `abstract_batch`) arguments ahead of its first call, which then finds it in JAX's
+    compilation cache, and hands the compiler's freed heap back to the system
+    (utils.release_free_memory): otherwise the process keeps it, and the first step's
+    buffers come on top of it in the peak RSS. Returns the compiled programs, one or
+    two (`split_update`), for their memory analysis; with `once`, nothing (an empty
+    list) when it already compiled the step for batches of these shapes and dtypes."""
+    key = tuple(sorted((k, tuple(v.shape), np.dtype(v.dtype).name) for k, v in batch.items()))
+    if once and key == self._precompiled_for:
+      return []
+    self._precompiled_for = key
     programs = self._train_programs
     with self.partitioner.context():
       compiled = [programs[0].lower(state, batch).compile()]

@@ -200,6 +200,30 @@ def _build_dataset(config, model, num_epochs, drop_remainder):
   return ds.batch(config.batch_size, drop_remainder=drop_remainder)
 
 
+def predicted_shapes(config: DatasetConfig, model) -> Optional[Dict[str, tuple]]:
+  """The global batch shapes `batch_shapes` will give, known without TensorFlow for a
+  decoder (causal or, with an 'inputs' length, prefix LM) or an encoder-decoder under
+  seqio's converters, packed or not; None for any other model. The trainer compiles
+  with them while the input process starts, and checks them against its answer."""
+  lengths, b = dict(config.task_feature_lengths), config.batch_size
+  if not set(lengths) <= {'inputs', 'targets'} or 'targets' not in lengths:
+    return None
+  packed = ('segment_ids', 'positions') if config.pack else ()
+  tokens = ('target_tokens', 'input_tokens', 'loss_weights')
+  if type(model) is model_lib.DecoderOnlyModel:  # pylint: disable=unidiomatic-typecheck
+    length = lengths['targets'] + lengths.get('inputs', 0)
+    names = [f'decoder_{k}' for k in tokens + packed]
+    if 'inputs' in lengths:
+      names.append('decoder_causal_attention')
+    return {k: (b, length) for k in names}
+  if type(model) is model_lib.EncoderDecoderModel and 'inputs' in lengths:  # pylint: disable=unidiomatic-typecheck
+    shapes = {'encoder_input_tokens': (b, lengths['inputs'])}
+    shapes.update({f'decoder_{k}': (b, lengths['targets']) for k in tokens + packed})
+    shapes.update({f'encoder_{k}': (b, lengths['inputs']) for k in packed})
+    return shapes
+  return None
+
+
 def batch_shapes(config: DatasetConfig, model: model_lib.BaseModel) -> Dict[str, tuple]:
   """Feature name -> global batch shape, read from the pipeline's element spec."""
   spec = _spec_of(config, model)

@@ -68,6 +68,13 @@ class LocalInputs:
     return Prepared(shapes, loss_groups, lambda: (
         pipeline.validate(eval_config, model) if eval_config is not None else None))
 
+  def start_prepare(self, train_config, eval_config, model) -> Callable[[], Prepared]:
+    prepared = self.prepare(train_config, eval_config, model)  # (now: same thread)
+    return lambda: prepared
+
+  def predicted(self, train_config, model) -> Optional[Prepared]:
+    return None  # (nothing to overlap: the pipeline runs in this thread)
+
   def iterator(self, config, model, row_slice: slice = slice(None),
                num_epochs: Optional[int] = None, pad_last: bool = False):
     from t5x_like.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -87,31 +94,72 @@ class InputProcess:
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
     self._ids = 0
     self._model = None  # (the model of `prepare`, which the input process keeps)
+    self._pending: Optional[Dict[str, Any]] = None  # (a request whose reply is not read yet)
     self.closed = False
     atexit.register(self.close)
 
-  def call(self, op: str, *args) -> Any:
+  def _failed(self, e: BaseException) -> InputProcessError:
+    code = self._proc.poll()
+    self.close()
+    return InputProcessError(
+        f'the input process ended unexpectedly (exit status {code}; its messages are '
+        f'above): {type(e).__name__}: {e}')
+
+  def _send(self, op: str, *args) -> None:
     if self.closed:
       raise InputProcessError('the input process was closed')
+    self._settle()
     try:
       pickle.dump((op, args), self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
       self._proc.stdin.flush()
+    except OSError as e:
+      raise self._failed(e) from None
+
+  def _receive(self) -> Any:
+    try:
       status, value = pickle.load(self._proc.stdout)
     except (OSError, EOFError, pickle.UnpicklingError) as e:
-      code = self._proc.poll()
-      self.close()
-      raise InputProcessError(
-          f'the input process ended unexpectedly (exit status {code}; its messages are '
-          f'above): {type(e).__name__}: {e}') from None
+      raise self._failed(e) from None
     if status == 'ok':
       return value
     raise rebuild(value)
 
+  def _settle(self) -> None:
+    """Reads the reply to a request sent without waiting (`start_prepare`), if any."""
+    if self._pending is not None:
+      pending, self._pending = self._pending, None
+      try:
+        pending['reply'] = ('ok', self._receive())
+      except BaseException as e:  # pylint: disable=broad-except  (raised to whoever waits)
+        pending['reply'] = ('error', e)
+
+  def call(self, op: str, *args) -> Any:
+    self._send(op, *args)
+    return self._receive()
+
   def prepare(self, train_config, eval_config, model) -> Prepared:
     """train()'s checks and facts, from the input process (see `LocalInputs.prepare`)."""
+    return self.start_prepare(train_config, eval_config, model)()
+
+  def start_prepare(self, train_config, eval_config, model) -> Callable[[], Prepared]:
+    """Sends `prepare` and returns at once; calling the result waits for the answer
+    (raising the checks' errors, in train()'s order). The trainer builds and compiles
+    in between."""
+    self._send('prepare', train_config, eval_config, model)
     self._model = model
-    stages = {name: (status, value) for name, status, value in
-              self.call('prepare', train_config, eval_config, model)}
+    pending = self._pending = {}
+
+    def wait() -> Prepared:
+      if self._pending is pending:
+        self._settle()
+      status, value = pending['reply']
+      if status == 'error':
+        raise value
+      return self._prepared(value, eval_config)
+    return wait
+
+  def _prepared(self, reply, eval_config) -> Prepared:
+    stages = {name: (status, value) for name, status, value in reply}
 
     def result(name):
       status, value = stages[name]
@@ -123,6 +171,13 @@ class InputProcess:
     shapes, loss_groups = result('shapes'), result('loss_groups')
     return Prepared(shapes, loss_groups,
                     lambda: result('validate_eval') if eval_config is not None else None)
+
+  def predicted(self, train_config, model) -> Optional[Prepared]:
+    """What `prepare` will answer, where this process can tell without TensorFlow
+    (`pipeline.predicted_shapes`; no per-denoiser loss groups), else None."""
+    from t5x_like.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow-free)
+    shapes = pipeline.predicted_shapes(train_config, model)
+    return None if shapes is None else Prepared(shapes, {}, lambda: None)
 
   def iterator(self, config, model, row_slice: slice = slice(None),
                num_epochs: Optional[int] = None, pad_last: bool = False) -> 'RemoteIterator':

@@ -181,3 +181,43 @@ def test_command_line_trains_the_same_with_and_without_it(tmp_path):
     assert f'TF {flag == "0"}' in out.stdout, out.stdout[-2000:]
     runs[flag] = _steps(model_dir)
   assert len(runs['1']) == 3 and runs['1'] == runs['0']
+
+
+@pytest.mark.parametrize('case', ['decoder packed', 'prefix lm unpacked', 'span corruption'])
+def test_predicted_shapes_are_the_pipelines(case):
+  """The shapes the trainer compiles with before the input process answers are the
+  pipeline's, for every converter it predicts (packed and not)."""
+  config, model = CASES[case]
+  for pack in (True, False):
+    c = config.__class__(**{**config.__dict__, 'pack': pack})
+    assert pipeline.predicted_shapes(c, model) == pipeline.batch_shapes(c, model)
+  assert pipeline.predicted_shapes(*CASES['dpo pairs']) is None
+
+
+def test_train_with_a_wrong_prediction_rebuilds(tmp_path, monkeypatch):
+  """train(input_process=True) from Python, with the prediction made wrong (no packing
+  features): the trainer is built again from the input process's answer, and the run
+  is step for step the in-process run (batch hashes and losses)."""
+  from t5x_like import train as train_lib  # pylint: disable=g-import-not-at-top
+
+  def run(name, *extra):
+    model_dir = str(tmp_path / name)
+    train_lib.run(['models/llama/tiny.gin', 'runs/pretrain.gin'], [
+        "MIXTURE_OR_TASK_NAME = 'stdlib_lm'", "TASK_FEATURE_LENGTHS = {'targets': 32}",
+        'TRAIN_STEPS = 3', f"MODEL_DIR = '{model_dir}'", 'BATCH_SIZE = 8', 'WARMUP_STEPS = 1',
+        'train_lib.train.eval_split = None', 'train_lib.train.peak_flops = 1e11', *extra])
+    return _steps(model_dir)
+
+  real = pipeline.predicted_shapes
+  calls = []
+
+  def wrong(config, model):
+    calls.append(config)
+    shapes = real(config, model)
+    return {k: v for k, v in shapes.items() if not k.endswith(('_segment_ids', '_positions'))}
+
+  monkeypatch.setattr(pipeline, 'predicted_shapes', wrong)
+  remote = run('remote', 'train_lib.train.input_process = True')
+  assert calls  # (the input process path asked for a prediction)
+  local = run('local', 'train_lib.train.input_process = False')
+  assert len(remote) == 3 and remote == local
