@@ -22,6 +22,8 @@ noisy window hurts both. Per run it measures, from outside the process:
                   service.py; each one's kernel high-water mark VmHWM, read every 0.2 s):
                   an upper bound, since pages they share count twice and the peaks
                   need not coincide;
+  peak RSS at     the largest sum of their RSS at one time (sampled every 0.2 s), or
+    once          the launched process's own exact peak if that is higher;
   peak PSS        the largest sum, over the same processes, of their proportional set
                   size, sampled every 0.2 s: the memory the job holds, shared pages
                   counted once;
@@ -127,18 +129,21 @@ class TreeMemory(threading.Thread):
     self.pid, self.every = pid, every
     self.hwm: Dict[int, int] = {}  # pid -> peak RSS (KiB), of every process seen
     self.peak_pss = 0  # KiB
+    self.peak_rss = 0  # KiB: the largest sampled sum of their RSS at one time
     self.done = threading.Event()
 
   def run(self):
     while not self.done.is_set():
-      total = 0
+      total, rss = 0, 0
       for pid in [self.pid] + _descendants(self.pid):
         try:
           self.hwm[pid] = max(self.hwm.get(pid, 0), _status_kib(pid, 'VmHWM'))
+          rss += _status_kib(pid, 'VmRSS')
           total += _pss_kib(pid)
         except (OSError, ValueError):
           pass
       self.peak_pss = max(self.peak_pss, total)
+      self.peak_rss = max(self.peak_rss, rss)
       self.done.wait(self.every)
 
 
@@ -184,6 +189,8 @@ def run(cmd: List[str], env: Dict[str, str], step_re, tokens: int, skip: int,
           'step_s': statistics.median(gaps),
           'rss_gib': (usage.ru_maxrss + sum(others)) / 2**20,
           'pss_gib': memory.peak_pss / 2**20,
+          # At one time: the sampled sum, or the launched process's own exact peak if higher.
+          'rss_at_once_gib': max(memory.peak_rss, usage.ru_maxrss) / 2**20,
           'processes': 1 + len(others),
           'first_step_s': marks[0][0],
           'console_mfu': statistics.median(mfus[skip + 1:]) if len(mfus) > skip + 1 else None}
@@ -308,7 +315,8 @@ def main(argv=None):
       ms = results[(side, length)]
       if ms:
         med[side] = {k: statistics.median(m[k] for m in ms)
-                     for k in ('tokens_per_s', 'cpu_per_step', 'rss_gib', 'pss_gib', 'mfu')}
+                     for k in ('tokens_per_s', 'cpu_per_step', 'rss_gib', 'rss_at_once_gib',
+                               'pss_gib', 'mfu')}
         med[side]['cold'] = ms[0]['first_step_s']
         med[side]['warm'] = (statistics.median(m['first_step_s'] for m in ms[1:])
                              if len(ms) > 1 else float('nan'))
@@ -319,22 +327,28 @@ def main(argv=None):
                  if side == 'ours' and consoles else '')
       rows.append(f'| {shape} | {side} | {m["tokens_per_s"]:,.0f} | {100 * m["mfu"]:.1f}%'
                   f'{console} | {m["cpu_per_step"]:.1f} | {m["rss_gib"]:.2f} | '
-                  f'{m["pss_gib"]:.2f} | {m["cold"]:.1f} | {m["warm"]:.1f} |')
+                  f'{m["rss_at_once_gib"]:.2f} | {m["pss_gib"]:.2f} | {m["cold"]:.1f} | '
+                  f'{m["warm"]:.1f} |')
     if len(med) == 2:
       o, t = med['ours'], med['maxtext']
       rows.append(f'| {shape} | **ours / MaxText** | **{o["tokens_per_s"] / t["tokens_per_s"]:.2f}x**'
                   f' | | {o["cpu_per_step"] / t["cpu_per_step"]:.2f}x | '
-                  f'**{o["rss_gib"] / t["rss_gib"]:.2f}x** | **{o["pss_gib"] / t["pss_gib"]:.2f}x** | '
+                  f'**{o["rss_gib"] / t["rss_gib"]:.2f}x** | '
+                  f'**{o["rss_at_once_gib"] / t["rss_at_once_gib"]:.2f}x** | '
+                  f'**{o["pss_gib"] / t["pss_gib"]:.2f}x** | '
                   f'{o["cold"] / t["cold"]:.2f}x | {o["warm"] / t["warm"]:.2f}x |')
   table = (f'MFU: model FLOPs ({", ".join(f"{flops_token[n] / 1e6:.1f} M/token at {n}" for n in args.lengths)}; '
            'causal attention counted over the pairs the mask leaves) over this machine\'s '
            f'measured f32 matmul peak, {peak / 1e9:.1f} GFLOP/s (utils.measured_matmul_peak, '
            'the console\'s denominator). Launch to first step: cold is round 1 (an empty '
            'compilation cache), warm the median of the later rounds.\n\n'
-           'Peak RSS sums the processes\' own peaks (ours: trainer and input process); peak PSS '
-           'is the largest sampled sum of their proportional set sizes.\n\n'
-           '| tokens/step | side | tokens/s | MFU | CPU s/step | peak RSS (GiB) | peak PSS (GiB) | '
-           'launch to first step, cold (s) | warm (s) |\n|---|---|---|---|---|---|---|---|---|\n'
+           'Peak RSS sums the processes\' own peaks (ours: trainer and input process; an upper '
+           'bound: their peaks need not coincide); at once: the largest sampled sum of their RSS '
+           '(or the launched process\'s own peak, if higher); peak PSS: the largest sampled sum '
+           'of their proportional set sizes (shared pages counted once).\n\n'
+           '| tokens/step | side | tokens/s | MFU | CPU s/step | peak RSS, summed peaks (GiB) | '
+           'peak RSS at once (GiB) | peak PSS (GiB) | launch to first step, cold (s) | warm (s) '
+           '|\n|---|---|---|---|---|---|---|---|---|---|\n'
            + '\n'.join(rows) + '\n')
   print()
   print(table)
