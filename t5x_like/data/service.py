@@ -12,7 +12,7 @@ TensorFlow at all.
 It runs exactly the in-process code (`pipeline.validate`, `batch_shapes`,
 `InputIterator`, ...) on the same pickled `DatasetConfig` and model, so its
 batches, hashes, positions and errors are the ones the trainer would make
-itself (tests/t5x_like/data/service_test.py compares the two). An error raised
+itself (tests/t5x_like/service_test.py compares the two). An error raised
 there is raised again here as the same exception (an input error is still one
 line, exit code 2, before anything is written); one of a class this process has
 not imported becomes `InputProcessError` carrying the input process's
@@ -37,7 +37,7 @@ import pickle
 import subprocess
 import sys
 import traceback
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 ENV = 'T5X_LIKE_INPUT_PROCESS'
 
@@ -56,17 +56,27 @@ class Prepared(NamedTuple):
   check_eval: Callable[[], None]  # validates the evaluation dataset (raises its error)
 
 
+def prepare_stages(train_config, eval_config, model) -> List[Tuple[str, Callable[[], Any]]]:
+  """What train() checks and reads before it builds the trainer, as (name, thunk), in
+  train()'s order: run in this process (`LocalInputs`) or the input process (`_Server`)."""
+  from t5x_like.data import denoisers  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  from t5x_like.data import pipeline  # pylint: disable=g-import-not-at-top
+  stages = [('validate', lambda: pipeline.validate(train_config, model)),
+            ('shapes', lambda: pipeline.batch_shapes(train_config, model)),
+            ('loss_groups', lambda: denoisers.loss_groups(train_config.mixture_or_task_name))]
+  if eval_config is not None:
+    stages.append(('validate_eval', lambda: pipeline.validate(eval_config, model)))
+  return stages
+
+
 class LocalInputs:
   """The pipeline in this process (from Python and notebooks, or when TensorFlow is here)."""
 
   def prepare(self, train_config, eval_config, model) -> Prepared:
-    from t5x_like.data import denoisers  # pylint: disable=g-import-not-at-top  (TensorFlow)
-    from t5x_like.data import pipeline  # pylint: disable=g-import-not-at-top
-    pipeline.validate(train_config, model)
-    shapes = pipeline.batch_shapes(train_config, model)
-    loss_groups = denoisers.loss_groups(train_config.mixture_or_task_name)
-    return Prepared(shapes, loss_groups, lambda: (
-        pipeline.validate(eval_config, model) if eval_config is not None else None))
+    stages = dict(prepare_stages(train_config, eval_config, model))
+    stages['validate']()
+    return Prepared(stages['shapes'](), stages['loss_groups'](),
+                    stages.get('validate_eval', lambda: None))
 
   def start_prepare(self, train_config, eval_config, model) -> Callable[[], Prepared]:
     prepared = self.prepare(train_config, eval_config, model)  # (now: same thread)
@@ -306,16 +316,9 @@ class _Server:
   def prepare(self, train_config, eval_config, model) -> List[tuple]:
     """What train() checks and reads before it builds the trainer, stage by stage, in
     train()'s order; the first failed stage ends the list."""
-    from t5x_like.data import denoisers  # pylint: disable=g-import-not-at-top
-    pipeline = self.pipeline
     self.model = model  # (`open` is sent None for it: the same object keeps batch_shapes' pipeline)
-    stages = [('validate', lambda: pipeline.validate(train_config, model)),
-              ('shapes', lambda: pipeline.batch_shapes(train_config, model)),
-              ('loss_groups', lambda: denoisers.loss_groups(train_config.mixture_or_task_name))]
-    if eval_config is not None:
-      stages.append(('validate_eval', lambda: pipeline.validate(eval_config, model)))
     out = []
-    for name, stage in stages:
+    for name, stage in prepare_stages(train_config, eval_config, model):
       try:
         out.append((name, 'ok', stage()))
       except Exception as e:  # pylint: disable=broad-except
@@ -450,6 +453,5 @@ if __name__ == '__main__':
   # Before the first request arrives: the slow imports (TensorFlow, seqio, the shipped
   # tasks), done while the trainer imports JAX.
   from t5x_like.data import pipeline as _pipeline  # pylint: disable=g-import-not-at-top
-  _pipeline.get_mixture_or_task  # pylint: disable=pointless-statement
   _pipeline._seqio()  # pylint: disable=protected-access
   serve()
