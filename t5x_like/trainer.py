@@ -111,7 +111,7 @@ class Trainer:
       (learning rate, betas, bias corrections, clip factor) as a parameter-sized
       buffer, scheduled at the start and kept through the backward pass, and
       where the update runs without the YNN elementwise fusions
-      (`xla_env.update_compiler_options`): measured on the 20.5M comparison
+      (`xla_env.elementwise_compiler_options`): measured on the 20.5M comparison
       model at 8 x 512, the step's temporary memory falls from 838 MB to 507 MB
       (+ 82 MB of gradients between the programs) and the update takes 0.08 s
       instead of 0.14 s (docs/efficiency.md). On GPU and TPU one program lets
@@ -124,8 +124,10 @@ class Trainer:
                seed: int = 0, loss_groups: Optional[Mapping[str, int]] = None,
                trainable_params: Optional[str] = None, split_update: Optional[bool] = None):
     self.model = model
-    self.split_update = (jax.devices()[0].platform == 'cpu' if split_update is None
-                         else split_update)
+    platform = jax.devices()[0].platform
+    self.split_update = platform == 'cpu' if split_update is None else split_update
+    # XLA options of the elementwise programs: the initialisation and the split update.
+    self._elementwise_options = xla_env.elementwise_compiler_options(platform) or None
     self.trainable_pattern = (trainable_params if trainable_params is not None else
                               model.trainable_pattern())
     self.loss_groups = dict(loss_groups or {})
@@ -215,7 +217,10 @@ class Trainer:
         params = nn.unbox(self._init_params_boxed(rng))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=self.optimizer.tx.init(self.trainable(params)))
-      self._jit_init = jax.jit(init, out_shardings=self.state_shardings)
+      # (Elementwise random draws: compiled with the update's options, faster to
+      # compile and to run on CPU; xla_env.elementwise_compiler_options.)
+      self._jit_init = jax.jit(init, out_shardings=self.state_shardings,
+                               compiler_options=self._elementwise_options)
     with self.partitioner.context():
       return self._jit_init(jax.random.PRNGKey(self.seed))
 
@@ -347,8 +352,7 @@ class Trainer:
                              in_shardings=(self.state_shardings, grad_shardings, replicated),
                              out_shardings=(self.state_shardings, replicated),
                              donate_argnums=(0,),
-                             compiler_options=xla_env.update_compiler_options(
-                                 jax.devices()[0].platform) or None)
+                             compiler_options=self._elementwise_options)
     return grad_program, update_program
 
   def abstract_batch(self, dtype=np.int32) -> Dict[str, jax.ShapeDtypeStruct]:

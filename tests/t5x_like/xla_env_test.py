@@ -90,6 +90,6 @@ def test_malloc_tunables_and_compilation_cache(tmp_path):
   assert (out['tunables'], out['cache'], starts) == ('None', 'None', 1)
 
 
-def test_update_compiler_options():
-  assert xla_env.update_compiler_options('gpu') == {}
-  assert set(xla_env.update_compiler_options('cpu')) == {'xla_cpu_experimental_ynn_fusion_type'}
+def test_elementwise_compiler_options():
+  assert xla_env.elementwise_compiler_options('gpu') == {}
+  assert set(xla_env.elementwise_compiler_options('cpu')) == {'xla_cpu_experimental_ynn_fusion_type'}
