@@ -51,12 +51,13 @@ def dot_product_attention(kernel: cfg.AttentionKernel, q: Array, k: Array, v: Ar
                           dropout_rng: Optional[Array] = None,
                           scale: Optional[float] = None,
                           prefix: Optional[Tuple[Array, Array]] = None,
-                          block_size: int = 0) -> Array:
+                          block_size: int = 0, max_blocks: int = 0) -> Array:
   """The single place an attention implementation is chosen.
 
   q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim].
-  The XLA kernel runs causal self-attention in blocks of `block_size` query rows
-  (blockwise.py) where `blockwise.eligible` allows, else `xla.attention`.
+  The XLA kernel runs causal self-attention in blocks of `block_size` query rows,
+  made larger where that leaves more than `max_blocks` blocks (`blockwise.block_for`),
+  where `blockwise.eligible` allows, else `xla.attention`.
   """
   masks = dict(q_segment_ids=q_ctx.segment_ids, kv_segment_ids=kv_ctx.segment_ids,
                q_positions=q_ctx.positions, kv_positions=kv_ctx.positions, causal=causal,
@@ -64,6 +65,7 @@ def dot_product_attention(kernel: cfg.AttentionKernel, q: Array, k: Array, v: Ar
                kv_prefix=kv_ctx.prefix if causal else None, scale=scale)
   match kernel:
     case cfg.AttentionKernel.XLA:
+      block_size = blockwise.block_for(q.shape[1], block_size, max_blocks)
       if not q_ctx.decode and blockwise.eligible(
           q.shape[1], k.shape[1], causal=causal, block=block_size,
           has_prefix=masks['q_prefix'] is not None,
@@ -145,6 +147,7 @@ class MultiHeadAttention(nn.Module):
   query_scale: Optional[float] = None  # None: 1/sqrt(head_dim)
   kernel: cfg.AttentionKernel = cfg.AttentionKernel.XLA
   block_size: int = 0  # the XLA kernel's causal blocks (DecoderConfig.attention_block_size)
+  max_blocks: int = 0  # ... at most this many, made larger (DecoderConfig.attention_max_blocks)
   use_bias: bool = False
   dropout_rate: float = 0.0
   deterministic: bool = True
@@ -221,7 +224,7 @@ class MultiHeadAttention(nn.Module):
           self.kernel, q, k, v, q_ctx=q_ctx, kv_ctx=kv_ctx, causal=causal,
           alibi_slopes=alibi, rel_bias=rel_bias, dropout_rate=self.dropout_rate,
           dropout_rng=dropout_rng, scale=self.query_scale,
-          prefix=prefix, block_size=self.block_size)  # [batch, q_len, heads, head_dim]
+          prefix=prefix, block_size=self.block_size, max_blocks=self.max_blocks)  # [batch, q_len, heads, head_dim]
     out = nn.with_logical_constraint(out, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))
     out = checkpoint_name(out, 'attention_out')
     return checkpoint_name(dense((emb,), (ax.HEADS, ax.HEAD_DIM, ax.EMBED), axis=(-2, -1),

@@ -235,6 +235,10 @@ class DecoderConfig:
   # length] array for the backward pass (pallas_kernels/flash_attention/blockwise.py),
   # when the length is a multiple of it and at least twice it; 0: never.
   attention_block_size: int = 128
+  # ... and in at most this many blocks where doubling the block allows: the blocks are
+  # unrolled, so their number sets the compile time, while past ~8 finer blocks skip
+  # little more work (blockwise.block_for; at 2048 tokens, 8 blocks of 256). 0: no limit.
+  attention_max_blocks: int = 8
   # Decoder-only training applies the output layer and the cross-entropy together over
   # slices of this many positions, recomputing each slice's logits in the backward pass
   # (models/losses.py: chunked_head_cross_entropy), when the length is a multiple of it
@@ -277,6 +281,9 @@ class DecoderConfig:
     if int(self.loss_chunk_length) < 0:
       raise ConfigError(f'{name}.loss_chunk_length={self.loss_chunk_length} must be 0 '
                         '(full logits) or a positive number of positions')
+    if int(self.attention_max_blocks) < 0:
+      raise ConfigError(f'{name}.attention_max_blocks={self.attention_max_blocks} must be 0 '
+                        '(no limit) or a positive number of blocks')
     if int(self.attention_block_size) < 0:
       raise ConfigError(f'{name}.attention_block_size={self.attention_block_size} must be 0 '
                         '(never blockwise) or a positive number of query rows')

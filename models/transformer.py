@@ -97,6 +97,7 @@ class TransformerLayer(nn.Module):
         attn.MultiHeadAttention, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
         head_dim=c.head_dim, rope=rope(c), query_scale=c.query_scale,
         kernel=c.attention_kernel, block_size=c.attention_block_size,
+        max_blocks=c.attention_max_blocks,
         use_bias=c.use_bias if c.attention_bias is None else c.attention_bias,
         dropout_rate=c.dropout_rate,
         deterministic=self.deterministic, dtype=c.compute_dtype, param_dtype=c.params_dtype,

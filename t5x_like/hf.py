@@ -736,7 +736,7 @@ def hf_config(kind: str, model: model_lib.BaseModel) -> Dict[str, Any]:
 
 # Fields that do not change what a model computes from given weights.
 _NOT_ARCHITECTURE = ('scan_layers', 'remat_policy', 'dtype', 'param_dtype', 'attention_kernel',
-                     'attention_block_size', 'loss_chunk_length', 'dropout_rate', 'moe_impl', 'max_length', 'load_balance_loss_weight',
+                     'attention_block_size', 'attention_max_blocks', 'loss_chunk_length', 'dropout_rate', 'moe_impl', 'max_length', 'load_balance_loss_weight',
                      'router_z_loss_weight', 'capacity_factor', 'router_jitter')
 
 

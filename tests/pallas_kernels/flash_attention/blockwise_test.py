@@ -82,18 +82,31 @@ def test_eligibility():
     blockwise.attention(*(jnp.ones((1, 24, 2, 4)) for _ in range(3)), block=16)
 
 
-@pytest.mark.parametrize('block', [0, 16])
-def test_dispatch_equals_reference(block):
-  """models/attention.py picks blockwise for eligible inputs; either way the value is xla.attention's."""
+def test_block_for_limits_the_number_of_blocks():
+  assert blockwise.block_for(512, 128, 8) == 128  # 4 blocks: kept
+  assert blockwise.block_for(2048, 128, 8) == 256  # 16 -> 8
+  assert blockwise.block_for(4096, 128, 8) == 512
+  assert blockwise.block_for(2048, 128, 0) == 128  # no limit
+  assert blockwise.block_for(1536, 128, 4) == 512  # 12 -> 6 -> 3
+  assert blockwise.block_for(384, 128, 2) == 128  # 3 blocks, but 256 would not divide 384
+  assert blockwise.block_for(2048, 0, 8) == 0  # off stays off
+
+
+@pytest.mark.parametrize('block,max_blocks,blocks', [(0, 0, 0), (16, 0, 4), (8, 2, 2)])
+def test_dispatch_equals_reference(block, max_blocks, blocks):
+  """models/attention.py picks blockwise for eligible inputs, in at most `max_blocks`
+  blocks; either way the value is xla.attention's."""
   q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 64, 4, 8)) for i in range(3))
   seg, pos = _packed(2, 64, 5)
   ctx = attn.Context(positions=pos, segment_ids=seg)
-  out = attn.dot_product_attention(cfg.AttentionKernel.XLA, q, k, v, q_ctx=ctx, kv_ctx=ctx,
-                                   causal=True, block_size=block)
+  run = lambda q: attn.dot_product_attention(cfg.AttentionKernel.XLA, q, k, v, q_ctx=ctx,
+                                             kv_ctx=ctx, causal=True, block_size=block,
+                                             max_blocks=max_blocks)
   ref = xla.attention(q, k, v, causal=True, q_segment_ids=seg, kv_segment_ids=seg,
                       q_positions=pos, kv_positions=pos)
-  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
-  jaxpr = str(jax.make_jaxpr(lambda q: attn.dot_product_attention(
-      cfg.AttentionKernel.XLA, q, k, v, q_ctx=ctx, kv_ctx=ctx, causal=True,
-      block_size=block))(q))
-  assert ('custom_vjp_call' in jaxpr) == (block > 0)
+  np.testing.assert_allclose(run(q), ref, rtol=1e-5, atol=1e-5)
+  jaxpr = jax.make_jaxpr(run)(q)
+  assert ('custom_vjp_call' in str(jaxpr)) == (block > 0)
+  if blocks:  # (one exp per query block in the forward)
+    inner = jaxpr.eqns[-1].params['call_jaxpr']
+    assert sum(e.primitive.name == 'exp' for e in inner.eqns) == blocks
