@@ -39,6 +39,8 @@ import sys
 import traceback
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
+from t5x_like import xla_env
+
 ENV = 'T5X_LIKE_INPUT_PROCESS'
 
 
@@ -100,6 +102,7 @@ class InputProcess:
   def __init__(self):
     env = dict(os.environ)
     env['JAX_PLATFORMS'] = 'cpu'  # (seqio imports JAX: it must never claim an accelerator)
+    env.update(_malloc_env(env))
     self._proc = subprocess.Popen([sys.executable, '-m', 't5x_like.data.service'],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
     self._ids = 0
@@ -373,6 +376,21 @@ class _Server:
   def restore(self, key, state, allow_changes):
     self.iterators[key].restore(state, allow_changes=allow_changes)
     return self._position(self.iterators[key])
+
+
+def _malloc_env(env: Mapping[str, str]) -> Dict[str, str]:
+  """glibc malloc settings for the input process, where the entry points' defaults are
+  on (xla_env): at most 2 arenas (MALLOC_ARENA_MAX, unless set: TensorFlow's threads
+  would each get one that keeps its freed memory) and no huge pages for its heap (the
+  trainer's `glibc.malloc.hugetlb=1` is inherited through GLIBC_TUNABLES; a pipeline's
+  small buffers gain nothing from 2 MiB pages and round its heap up to them)."""
+  if not xla_env.enabled():
+    return {}
+  out = {} if 'MALLOC_ARENA_MAX' in env else {'MALLOC_ARENA_MAX': '2'}
+  tunables = env.get('GLIBC_TUNABLES', '')
+  if xla_env.HUGETLB in tunables.split(':'):
+    out['GLIBC_TUNABLES'] = ':'.join(t for t in tunables.split(':') if t != xla_env.HUGETLB)
+  return out
 
 
 def release_startup_pages() -> int:

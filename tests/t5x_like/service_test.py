@@ -14,6 +14,7 @@ import pytest
 
 from models import model as model_lib
 from models import preference
+from t5x_like import xla_env
 from t5x_like.data import errors
 from t5x_like.data import pipeline
 from t5x_like.data import service
@@ -249,3 +250,14 @@ def test_train_with_a_wrong_prediction_rebuilds(tmp_path, monkeypatch):
   assert calls  # (the input process path asked for a prediction)
   local = run('local', 'train_lib.train.input_process = False')
   assert len(remote) == 2 and remote == local
+
+
+def test_input_process_malloc_settings(monkeypatch):
+  """The input process gets at most 2 malloc arenas and none of the trainer's huge-page
+  tunable; a user's own MALLOC_ARENA_MAX and other tunables stay; nothing without defaults."""
+  env = {'GLIBC_TUNABLES': f'glibc.malloc.tcache_count=4:{xla_env.HUGETLB}'}
+  assert service._malloc_env(env) == {'MALLOC_ARENA_MAX': '2',  # pylint: disable=protected-access
+                                      'GLIBC_TUNABLES': 'glibc.malloc.tcache_count=4'}
+  assert service._malloc_env({'MALLOC_ARENA_MAX': '8'}) == {}  # pylint: disable=protected-access
+  monkeypatch.setenv('T5X_LIKE_XLA_DEFAULTS', '0')
+  assert service._malloc_env(env) == {}  # pylint: disable=protected-access
