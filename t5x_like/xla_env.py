@@ -54,6 +54,7 @@ def flags_with_defaults(xla_flags: str) -> str:
 
 
 HUGETLB = 'glibc.malloc.hugetlb=1'
+MALLOC_ARENAS = 2  # (glibc malloc arenas, unless MALLOC_ARENA_MAX is set: `apply`)
 COMPILATION_CACHE_BYTES = 2**30
 
 
@@ -119,7 +120,7 @@ def apply() -> None:
   if 'MALLOC_ARENA_MAX' not in os.environ:
     try:
       import ctypes  # pylint: disable=g-import-not-at-top
-      ctypes.CDLL('libc.so.6').mallopt(-8, 2)  # M_ARENA_MAX
+      ctypes.CDLL('libc.so.6').mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX
     except (OSError, AttributeError):
       pass  # not glibc
 

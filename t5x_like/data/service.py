@@ -386,10 +386,10 @@ def _malloc_env(env: Mapping[str, str]) -> Dict[str, str]:
   small buffers gain nothing from 2 MiB pages and round its heap up to them)."""
   if not xla_env.enabled():
     return {}
-  out = {} if 'MALLOC_ARENA_MAX' in env else {'MALLOC_ARENA_MAX': '2'}
-  tunables = env.get('GLIBC_TUNABLES', '')
-  if xla_env.HUGETLB in tunables.split(':'):
-    out['GLIBC_TUNABLES'] = ':'.join(t for t in tunables.split(':') if t != xla_env.HUGETLB)
+  out = {} if 'MALLOC_ARENA_MAX' in env else {'MALLOC_ARENA_MAX': str(xla_env.MALLOC_ARENAS)}
+  tunables = env.get('GLIBC_TUNABLES', '').split(':')
+  if xla_env.HUGETLB in tunables:
+    out['GLIBC_TUNABLES'] = ':'.join(t for t in tunables if t != xla_env.HUGETLB)
   return out
 
 
