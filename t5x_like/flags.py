@@ -101,9 +101,10 @@ def wants_help(argv: Optional[Sequence[str]] = None) -> bool:
 def start(entry: str, module_name: str) -> None:
   """What `python -m train/infer/eval` does before anything heavy is imported: answers
   --help and exits (when run as the program), restarts the interpreter once with
-  glibc's huge-page tunable (when run as the program), sets the XLA options and the
-  compilation cache (xla_env) and honours SIGTERM from here on (signals). All three
-  modules import only the standard library."""
+  glibc's huge-page tunable (when run as the program), pauses Python's garbage
+  collector for a training run's start-up (xla_env.pause_gc, when run as the program),
+  sets the XLA options and the compilation cache (xla_env) and honours SIGTERM from
+  here on (signals). All three modules import only the standard library."""
   from t5x_like import signals  # pylint: disable=g-import-not-at-top
   from t5x_like import xla_env  # pylint: disable=g-import-not-at-top
   if module_name == '__main__':
@@ -111,5 +112,7 @@ def start(entry: str, module_name: str) -> None:
       parser_for(entry).print_help()
       sys.exit(0)
     xla_env.reexec_with_malloc_tunables()
+    if entry == 'train':  # (train() turns it back on once the trainer is built)
+      xla_env.pause_gc()
   xla_env.apply()
   signals.install()

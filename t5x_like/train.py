@@ -39,6 +39,7 @@ from t5x_like import optimizers
 from t5x_like import signals
 from t5x_like import trainer as trainer_lib
 from t5x_like import utils
+from t5x_like import xla_env
 from t5x_like.data import pipeline
 from t5x_like.data import service
 
@@ -176,6 +177,10 @@ def _train(inputs, *, model, train_dataset, optimizer, partitioner, model_dir, t
     if not _has_checkpoints(model_dir):
       early_state = trainer.init_state()  # (dispatched: it runs while the step compiles)
     trainer.precompile_train_step(trainer.abstract_state, trainer.abstract_batch())
+  # Start-up's Python work here is done (imports, gin, tracing): the collector, paused by
+  # `python -m train` (xla_env.pause_gc), runs again, while the input process, if any, is
+  # still at work.
+  xla_env.resume_gc()
   prepared = wait_prepared()
   if trainer is None or (prepared.shapes, prepared.loss_groups) != (guess.shapes,
                                                                     guess.loss_groups):

@@ -1,5 +1,6 @@
 """The process settings the entry points make before the backend starts (standard
-library only): XLA options, glibc's malloc, JAX's persistent compilation cache.
+library only): XLA options, glibc's malloc, JAX's persistent compilation cache, and
+Python's garbage collector during start-up.
 
 On CPU, XLA's YNNPACK fusions of elementwise ops and reductions
 (`--xla_cpu_experimental_ynn_fusion_type=+eltwise,+reduce`) run the softmax,
@@ -32,11 +33,22 @@ allocates its ~800 MB of temporaries afresh, and with 4 KiB pages the kernel
 faults and clears them page by page (300,000 faults a step on the comparison
 model); with 2 MiB pages, under 30,000, for about 3% of the step time.
 
+Python's cyclic garbage collector is off while `python -m train` starts (`pause_gc`,
+until `resume_gc`), and so is the input process's (t5x_like/data/service.py): imports
+(JAX, TensorFlow, seqio), tracing and the pipeline's AutoGraph build make about a
+million objects that live on, and the collector walks them again and again as they
+pile up. Measured on the 2-core CPU: the input process reaches its first batch about
+1.1 s sooner (its imports take 2.6-2.9 s instead of 3.4-4.0 s), the trainer is ready
+about 0.3 s sooner, with the same peak memory. `resume_gc` then freezes what start-up
+made (gc.freeze: later collections never walk it again) and turns the collector back
+on.
+
 `python -m train`, `infer` and `eval` call `apply()` before anything imports
 jax. An option the user already put in XLA_FLAGS wins;
 T5X_LIKE_XLA_DEFAULTS=0 turns all of these defaults off.
 """
 
+import gc
 import os
 import sys
 
@@ -123,6 +135,37 @@ def apply() -> None:
       ctypes.CDLL('libc.so.6').mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX
     except (OSError, AttributeError):
       pass  # not glibc
+
+
+_gc_paused = False
+
+
+def pause_gc() -> None:
+  """Turns Python's cyclic garbage collector off for start-up (see the module
+  docstring), unless T5X_LIKE_XLA_DEFAULTS=0 or it is off already; `resume_gc` turns
+  it back on. Nothing else changes: objects without cycles are still freed at once."""
+  global _gc_paused
+  if enabled() and gc.isenabled():
+    gc.disable()
+    _gc_paused = True
+
+
+def resume_gc(collect: bool = True) -> None:
+  """Ends `pause_gc`'s pause (a no-op when it made none): collects the unreachable
+  cycles start-up left (`collect`; about 13,000 objects, 3 MB, in 0.15 s for the
+  trainer), freezes the survivors (modules, jitted functions, the pipeline) so later
+  collections skip them, and turns the collector on. Without `collect` it costs
+  nothing, and start-up's few unreachable objects stay frozen with the rest (the
+  input process: about 31,000 objects, some 5 MB, rather than 0.4 s on the way to
+  its first batch)."""
+  global _gc_paused
+  if not _gc_paused:
+    return
+  _gc_paused = False
+  if collect:
+    gc.collect()
+  gc.freeze()
+  gc.enable()
 
 
 def elementwise_compiler_options(platform: str) -> dict:

@@ -345,6 +345,12 @@ class _Server:
     """The bytes of mappings `release_startup_pages` advised so far (for tests)."""
     return self.released
 
+  def gc_state(self) -> Tuple[bool, int]:
+    """Whether the garbage collector is on, and how many objects it has frozen (for
+    tests: start-up pauses it, `serve` resumes it)."""
+    import gc  # pylint: disable=g-import-not-at-top
+    return gc.isenabled(), gc.get_freeze_count()
+
   def _position(self, it) -> Dict[str, Any]:
     return {'batches_consumed': it.batches_consumed, 'skipped': it.skipped,
             'last_batch_hash': it.last_batch_hash}
@@ -465,11 +471,16 @@ def serve() -> None:
         server.after_reply()
       except Exception:  # pylint: disable=broad-except  (the same work fails again, reported, on request)
         server._warm = None  # pylint: disable=protected-access
+    # Start-up is over (its first batch, if `prepare`, is made): the collector runs again.
+    # Not collecting first keeps 0.4 s off the way to that batch (xla_env.resume_gc).
+    xla_env.resume_gc(collect=False)
 
 
 if __name__ == '__main__':
   # Before the first request arrives: the slow imports (TensorFlow, seqio, the shipped
-  # tasks), done while the trainer imports JAX.
+  # tasks), done while the trainer imports JAX, without the garbage collector until the
+  # first batch is made (xla_env.pause_gc: about 1 s sooner).
+  xla_env.pause_gc()
   from t5x_like.data import pipeline as _pipeline  # pylint: disable=g-import-not-at-top
   _pipeline._seqio()  # pylint: disable=protected-access
   serve()

@@ -1,10 +1,12 @@
 """The XLA options the entry points add (t5x_like/xla_env.py): a user's own option wins,
-and a train step's values are the same with and without them."""
+and a train step's values are the same with and without them; the start-up pause of
+the garbage collector ends as it should."""
 
 import json
 import os
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 
@@ -93,3 +95,39 @@ def test_malloc_tunables_and_compilation_cache(tmp_path):
 def test_elementwise_compiler_options():
   assert xla_env.elementwise_compiler_options('gpu') == {}
   assert set(xla_env.elementwise_compiler_options('cpu')) == {'xla_cpu_experimental_ynn_fusion_type'}
+
+
+def test_gc_pause_and_resume(monkeypatch):
+  """pause_gc turns the collector off (not with T5X_LIKE_XLA_DEFAULTS=0, nor twice);
+  resume_gc collects start-up's unreachable cycles (or not), freezes the rest and turns
+  it on; a resume without a pause changes nothing."""
+  import gc  # pylint: disable=g-import-not-at-top
+
+  class Cycle:
+    pass
+
+  assert gc.isenabled()
+  try:
+    xla_env.resume_gc()
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    monkeypatch.setenv('T5X_LIKE_XLA_DEFAULTS', '0')
+    xla_env.pause_gc()
+    assert gc.isenabled()
+    monkeypatch.delenv('T5X_LIKE_XLA_DEFAULTS')
+    for collect in (True, False):
+      xla_env.pause_gc()
+      assert not gc.isenabled()
+      xla_env.pause_gc()  # (already paused: one resume still ends it)
+      cycle = Cycle()
+      cycle.me = cycle
+      probe = weakref.ref(cycle)
+      del cycle
+      xla_env.resume_gc(collect=collect)
+      assert gc.isenabled() and gc.get_freeze_count() > 0
+      assert (probe() is None) == collect  # (frozen, not collected, without `collect`)
+      gc.unfreeze()
+      gc.collect()
+      assert probe() is None
+  finally:
+    gc.unfreeze()
+    gc.enable()
