@@ -32,14 +32,16 @@ noisy window hurts both. Per run it measures, from outside the process:
   peak PSS        the largest sum, over the same processes, of their proportional set
                   size, sampled every 0.2 s: the memory the job holds, shared pages
                   counted once;
-  first step      seconds from launch to the first step's line, cold (round 1: an
-                  empty persistent compilation cache) and warm (the median of the
-                  later rounds, which find the train step compiled by round 1).
-Each side gets its own empty JAX compilation cache for the bench: ours through
-JAX_COMPILATION_CACHE_DIR (our entry points use one by default, xla_env), MaxText
-through its `jax_cache_dir` option (its base config's default; the CPU test config
-turns it off). The table gives each side's median over the rounds and the ratio of
-the medians, and is appended to docs/benchmarks.md with the machine, date and command.
+  first step      seconds from launch to the first step's line, cold and warm. Each
+                  round starts each side twice: first with an empty persistent
+                  compilation cache of its own, stopped at its first step line (cold),
+                  then the measured run, which finds the train step compiled by the
+                  cold launch (warm).
+Each side's cache is its own: ours through JAX_COMPILATION_CACHE_DIR (our entry points
+use one by default, xla_env), MaxText through its `jax_cache_dir` option (its base
+config's default; the CPU test config turns it off). The table gives each side's median
+over the rounds and the ratio of the medians, and is appended to docs/benchmarks.md with
+the machine, date, both sides' JAX and Flax versions and the command.
 
 MaxText lives in its own Python 3.12 virtual environment (never a dependency here):
   python3.12 -m venv ~/maxtext-venv && ~/maxtext-venv/bin/pip install --no-deps maxtext==0.2.5 \\
@@ -53,6 +55,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -157,6 +160,34 @@ class TreeMemory(threading.Thread):
       self.done.wait(self.every)
 
 
+def _kill_tree(proc: subprocess.Popen) -> None:
+  for pid in _descendants(proc.pid):
+    try:
+      os.kill(pid, signal.SIGKILL)
+    except OSError:
+      pass
+  proc.kill()
+
+
+def first_step(cmd: List[str], env: Dict[str, str], step_re) -> float:
+  """Seconds from launching `cmd` to its first step line; the process (and those it
+  started) is then killed."""
+  start = time.monotonic()
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, bufsize=1)
+  lines = []
+  try:
+    for line in proc.stdout:
+      lines.append(line)
+      if step_re.search(line):
+        return time.monotonic() - start
+  finally:
+    _kill_tree(proc)
+    proc.wait()
+    proc.stdout.close()
+  raise RuntimeError(f'{cmd[:3]} ended before its first step:\n{"".join(lines[-15:])}')
+
+
 def run(cmd: List[str], env: Dict[str, str], step_re, tokens: int, skip: int,
         log: Optional[str] = None) -> Dict[str, float]:
   """Runs one training process; -> its measurements (see the module docstring)."""
@@ -257,32 +288,63 @@ def maxtext_install(flag: Optional[str]) -> Optional[Tuple[str, str]]:
   return python, os.path.join(found.stdout.strip(), 'configs', 'decoupled_base_test.yml')
 
 
-def _rounds(args, extra, maxtext, results, caches):
-  """Runs the rounds, alternating which side goes first, into `results`."""
+def versions(maxtext: Optional[Tuple[str, str]]) -> str:
+  """Both sides' JAX and Flax versions (and MaxText's own), as a sentence."""
+  code = ('import importlib.metadata as m, sys; print(sys.version.split()[0], *(m.version(p) '
+          'for p in ("jax", "jaxlib", "flax")), m.version("maxtext") if len(sys.argv) > 1 '
+          'else "")')
+  def of(python, *flag):
+    out = subprocess.run([python, '-c', code, *flag], capture_output=True, text=True)
+    return out.stdout.split() if out.returncode == 0 else None
+  text = []
+  for name, python, flag in (('ours', sys.executable, ()),
+                             ('MaxText', maxtext and maxtext[0], ('maxtext',))):
+    v = python and of(python, *flag)
+    if v:
+      own = f'MaxText {v[4]} on ' if len(v) > 4 else ''
+      text.append(f'{name}: {own}Python {v[0]}, jax {v[1]}, jaxlib {v[2]}, flax {v[3]}')
+  return 'Versions: ' + '; '.join(text) + '.'
+
+
+def _rounds(args, extra, maxtext, results):
+  """Runs the rounds, alternating which side goes first, into `results`: for each side,
+  a cold launch (an empty compilation cache, stopped at its first step), then the
+  measured run with the cache it filled."""
   for r in range(args.rounds):
     for length in args.lengths:
       batch = SHAPES[length]
       sides = ['ours'] + ([] if args.ours_only else ['maxtext'])
       for side in (sides if r % 2 == 0 else sides[::-1]):
-        tmp = tempfile.mkdtemp(prefix=f'bench_{side}_')
+        cache = tempfile.mkdtemp(prefix=f'bench_{side}_compilation_cache_')
         try:
-          log = args.logs and os.path.join(args.logs, f'{side}_{length}_r{r}.log')
-          if side == 'ours':
-            m = run(ours_cmd(length, batch, args.steps, tmp, extra),
-                    clean_env(JAX_COMPILATION_CACHE_DIR=caches['ours']), _OURS_STEP,
-                    batch * length, args.skip, log)
-          else:
-            m = run(maxtext_cmd(*maxtext, length, batch, args.steps, tmp, caches['maxtext']),
-                    clean_env(DECOUPLE_GCLOUD='TRUE'), _MAXTEXT_STEP, batch * length,
-                    args.skip, log)
+          def launch(measure):
+            tmp = tempfile.mkdtemp(prefix=f'bench_{side}_')
+            try:
+              log = args.logs and os.path.join(args.logs, f'{side}_{length}_r{r}.log')
+              if side == 'ours':
+                cmd, env, step_re = (ours_cmd(length, batch, args.steps, tmp, extra),
+                                     clean_env(JAX_COMPILATION_CACHE_DIR=cache), _OURS_STEP)
+              else:
+                cmd, env, step_re = (
+                    maxtext_cmd(*maxtext, length, batch, args.steps, tmp, cache),
+                    clean_env(DECOUPLE_GCLOUD='TRUE'), _MAXTEXT_STEP)
+              if not measure:
+                return first_step(cmd, env, step_re)
+              return run(cmd, env, step_re, batch * length, args.skip, log)
+            finally:
+              shutil.rmtree(tmp, ignore_errors=True)
+          cold = launch(measure=False)
+          m = launch(measure=True)
+          m['cold_first_step_s'] = cold
         finally:
-          shutil.rmtree(tmp, ignore_errors=True)
+          shutil.rmtree(cache, ignore_errors=True)
         results[(side, length)].append(m)
         print(f'round {r + 1} {side:<7} {batch} x {length}: {m["tokens_per_s"]:7.0f} tok/s  '
               f'{m["cpu_per_step"]:5.1f} CPU s/step  RSS at once {m["rss_at_once_gib"]:.2f}, '
               f'summed peaks {m["rss_gib"]:.2f} GiB '
               f'({m["processes"]} process{"es" if m["processes"] > 1 else ""})  PSS '
-              f'{m["pss_gib"]:.2f} GiB  first step {m["first_step_s"]:.1f} s', flush=True)
+              f'{m["pss_gib"]:.2f} GiB  first step {m["cold_first_step_s"]:.1f} s cold, '
+              f'{m["first_step_s"]:.1f} s warm', flush=True)
 
 
 def main(argv=None):
@@ -307,13 +369,7 @@ def main(argv=None):
     os.makedirs(args.logs, exist_ok=True)
 
   results = {(side, length): [] for side in ('ours', 'maxtext') for length in args.lengths}
-  caches = {side: tempfile.mkdtemp(prefix=f'bench_{side}_compilation_cache_')
-            for side in ('ours', 'maxtext')}
-  try:
-    _rounds(args, extra, maxtext, results, caches)
-  finally:
-    for cache in caches.values():
-      shutil.rmtree(cache, ignore_errors=True)
+  _rounds(args, extra, maxtext, results)
 
   # MFU of both sides by one count (ours: models/param_count.py, only the query-key pairs
   # the causal mask leaves) and one peak (utils.measured_matmul_peak, as the console).
@@ -331,9 +387,8 @@ def main(argv=None):
         med[side] = {k: statistics.median(m[k] for m in ms)
                      for k in ('tokens_per_s', 'cpu_per_step', 'rss_gib', 'rss_at_once_gib',
                                'pss_gib', 'mfu')}
-        med[side]['cold'] = ms[0]['first_step_s']
-        med[side]['warm'] = (statistics.median(m['first_step_s'] for m in ms[1:])
-                             if len(ms) > 1 else float('nan'))
+        med[side]['cold'] = statistics.median(m['cold_first_step_s'] for m in ms)
+        med[side]['warm'] = statistics.median(m['first_step_s'] for m in ms)
     consoles = [m['console_mfu'] for m in results[('ours', length)] if m['console_mfu']]
     shape = f'{SHAPES[length]} x {length}'
     for side, m in med.items():
@@ -354,8 +409,9 @@ def main(argv=None):
   table = (f'MFU: model FLOPs ({", ".join(f"{flops_token[n] / 1e6:.1f} M/token at {n}" for n in args.lengths)}; '
            'causal attention counted over the pairs the mask leaves) over this machine\'s '
            f'measured f32 matmul peak, {peak / 1e9:.1f} GFLOP/s (utils.measured_matmul_peak, '
-           'the console\'s denominator). Launch to first step: cold is round 1 (an empty '
-           'compilation cache), warm the median of the later rounds.\n\n'
+           'the console\'s denominator). Launch to first step: cold with an empty '
+           'compilation cache, warm with the one the cold launch filled (one of each per '
+           f'side and round).\n\n{versions(maxtext)}\n\n'
            'Peak memory is the job\'s: "peak RSS at once" (the column the comparison reads) '
            'is the largest sampled sum of the processes\' RSS (ours: trainer and input process) '
            'or, if higher, the launched process\'s own exact peak plus the most the others held '

@@ -26,8 +26,20 @@ def append_section(script: str, body: str) -> str:
   return path
 
 
+def _cpu_model() -> str:
+  """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` says."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return f'{line.split(":", 1)[1].strip()} ({platform.machine()})'
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def machine() -> str:
   dev = jax.devices()[0]
   if dev.platform == 'cpu':
-    return f'{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores'
+    return f'{_cpu_model()} CPU, {os.cpu_count()} cores'
   return f'{dev.device_kind} x{jax.device_count()}'
