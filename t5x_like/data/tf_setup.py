@@ -17,15 +17,17 @@ import tempfile
 # TensorFlow (tf.data, under seqio) runs on the CPU only. It is imported here first, quietly: its CUDA probing
 # writes to file descriptor 2 from C++ static initialisers and device set-up
 # that TF_CPP_MIN_LOG_LEVEL does not reach ("Could not find cuda drivers ...",
-# "failed call to cuInit ..."). Those lines are dropped; anything else it
-# writes is passed on. Its GPUs are hidden, so it never takes memory from JAX.
+# "failed call to cuInit ..."), and on CPUs with AVX-512 it announces its oneDNN
+# kernels (which change nothing for tf.data's integer work). Those lines are
+# dropped; anything else it writes is passed on. Its GPUs are hidden, so it never takes memory from JAX.
 _TF_NOISE = re.compile(
     r'All log messages before absl::InitializeLog\(\) is called are written to STDERR'
     r'|cudart_stub\.cc.*Could not find cuda drivers'
     r'|cuda_platform\.cc.*failed call to cuInit'
     r'|cpu_feature_guard\.cc|To enable the following instructions:.*rebuild TensorFlow'
     r'|Unable to register cu(DNN|FFT|BLAS) factory'
-    r'|TF-TRT Warning: Could not find TensorRT')
+    r'|TF-TRT Warning: Could not find TensorRT'
+    r'|port\.cc.*oneDNN custom operations are on')
 
 # Keras 3, which TensorFlow imports eagerly, imports IPython and matplotlib when they are
 # installed, for notebook display and image galleries we never use: about 0.6 s of every
