@@ -30,7 +30,9 @@ setuptools.setup(
         'tokenizers>=0.23.3,<1',  # Hugging Face tokenizer.json vocabularies
         'numpy>=2.0,<3',
         # JAX's and TensorFlow's extra dtypes. 0.7.0 takes 0.43 s to import under numpy 2
-        # (0.6.0: 3 ms), in the trainer and again in the input process, at every launch.
+        # (0.6.0: 3 ms; its ufunc loop registration), in the trainer and again in the input
+        # process, at every launch. Lift the cap once a release imports fast again
+        # (`python -X importtime -c 'import ml_dtypes'`) or JAX or TensorFlow needs one.
         'ml_dtypes>=0.6.0,<0.7',
         'scipy>=1.10,<2',  # scaling-law fits (t5x_like/scaling.py)
         'matplotlib>=3.8,<4',  # sweep reports' plots (t5x_like/sweep.py)

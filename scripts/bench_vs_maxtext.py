@@ -169,7 +169,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
   proc.kill()
 
 
-def first_step(cmd: List[str], env: Dict[str, str], step_re) -> float:
+def first_step(cmd: List[str], env: Dict[str, str], step_re, log: Optional[str] = None) -> float:
   """Seconds from launching `cmd` to its first step line; the process (and those it
   started) is then killed."""
   start = time.monotonic()
@@ -185,6 +185,9 @@ def first_step(cmd: List[str], env: Dict[str, str], step_re) -> float:
     _kill_tree(proc)
     proc.wait()
     proc.stdout.close()
+    if log:
+      with open(log, 'w') as f:
+        f.writelines(lines)
   raise RuntimeError(f'{cmd[:3]} ended before its first step:\n{"".join(lines[-15:])}')
 
 
@@ -214,6 +217,8 @@ def run(cmd: List[str], env: Dict[str, str], step_re, tokens: int, skip: int,
       marks.append((time.monotonic() - start, cpu))
       memory.training.set()
   _, status, usage = os.wait4(proc.pid, 0)
+  proc.returncode = os.waitstatus_to_exitcode(status)  # (reaped here: Popen must not wait)
+  proc.stdout.close()
   memory.done.set()
   memory.join()
   # The launched process's own peak is wait4's (exact); the others' are their last VmHWM.
@@ -221,7 +226,7 @@ def run(cmd: List[str], env: Dict[str, str], step_re, tokens: int, skip: int,
   if log:
     with open(log, 'w') as f:
       f.writelines(lines)
-  if os.waitstatus_to_exitcode(status) != 0 or len(marks) < skip + 2:
+  if proc.returncode != 0 or len(marks) < skip + 2:
     tail = ''.join(lines[-15:])
     raise RuntimeError(f'{cmd[:3]} failed or logged too few steps ({len(marks)}):\n{tail}')
   gaps = [b[0] - a[0] for a, b in zip(marks, marks[1:])][skip:]
@@ -294,7 +299,11 @@ def versions(maxtext: Optional[Tuple[str, str]]) -> str:
           'for p in ("jax", "jaxlib", "flax")), m.version("maxtext") if len(sys.argv) > 1 '
           'else "")')
   def of(python, *flag):
-    out = subprocess.run([python, '-c', code, *flag], capture_output=True, text=True)
+    try:
+      out = subprocess.run([python, '-c', code, *flag], capture_output=True, text=True,
+                           timeout=120)
+    except subprocess.TimeoutExpired:
+      return None
     return out.stdout.split() if out.returncode == 0 else None
   text = []
   for name, python, flag in (('ours', sys.executable, ()),
@@ -320,7 +329,8 @@ def _rounds(args, extra, maxtext, results):
           def launch(measure):
             tmp = tempfile.mkdtemp(prefix=f'bench_{side}_')
             try:
-              log = args.logs and os.path.join(args.logs, f'{side}_{length}_r{r}.log')
+              log = args.logs and os.path.join(
+                  args.logs, f'{side}_{length}_r{r}{"" if measure else "_cold"}.log')
               if side == 'ours':
                 cmd, env, step_re = (ours_cmd(length, batch, args.steps, tmp, extra),
                                      clean_env(JAX_COMPILATION_CACHE_DIR=cache), _OURS_STEP)
@@ -329,7 +339,7 @@ def _rounds(args, extra, maxtext, results):
                     maxtext_cmd(*maxtext, length, batch, args.steps, tmp, cache),
                     clean_env(DECOUPLE_GCLOUD='TRUE'), _MAXTEXT_STEP)
               if not measure:
-                return first_step(cmd, env, step_re)
+                return first_step(cmd, env, step_re, log)
               return run(cmd, env, step_re, batch * length, args.skip, log)
             finally:
               shutil.rmtree(tmp, ignore_errors=True)

@@ -112,7 +112,7 @@ def start(entry: str, module_name: str) -> None:
       parser_for(entry).print_help()
       sys.exit(0)
     xla_env.reexec_with_malloc_tunables()
-    if entry == 'train':  # (train() turns it back on once the trainer is built)
+    if entry == 'train':  # (train() turns it back on before it waits for the data's answer)
       xla_env.pause_gc()
   xla_env.apply()
   signals.install()

@@ -177,9 +177,9 @@ def _train(inputs, *, model, train_dataset, optimizer, partitioner, model_dir, t
     if not _has_checkpoints(model_dir):
       early_state = trainer.init_state()  # (dispatched: it runs while the step compiles)
     trainer.precompile_train_step(trainer.abstract_state, trainer.abstract_batch())
-  # Start-up's Python work here is done (imports, gin, tracing): the collector, paused by
-  # `python -m train` (xla_env.pause_gc), runs again, while the input process, if any, is
-  # still at work.
+  # The collector, paused by `python -m train` (xla_env.pause_gc), runs again: the imports
+  # and, where the batch shapes were predicted, the trainer's build and compile are done,
+  # and the input process, if any, is usually still at work.
   xla_env.resume_gc()
   prepared = wait_prepared()
   if trainer is None or (prepared.shapes, prepared.loss_groups) != (guess.shapes,

@@ -4,8 +4,8 @@
 the trainer imports JAX. While the trainer imports JAX, builds the model, and
 initialises and compiles, the input process imports TensorFlow and seqio,
 validates the datasets, builds the pipeline and makes the first batch (4-6 s
-of every launch on a 2-core machine; its garbage collector is paused until then,
-xla_env.pause_gc), on the second core instead of on the trainer's critical path
+of every launch on a 2-core machine; its garbage collector is paused until that
+batch is handed over, xla_env.pause_gc), on the second core instead of on the trainer's critical path
 (a thread cannot do this: both sides are Python and would take turns at the
 interpreter lock). The trainer's process then imports no TensorFlow at all.
 
@@ -345,11 +345,11 @@ class _Server:
     """The bytes of mappings `release_startup_pages` advised so far (for tests)."""
     return self.released
 
-  def gc_state(self) -> Tuple[bool, int]:
-    """Whether the garbage collector is on, and how many objects it has frozen (for
-    tests: start-up pauses it, `serve` resumes it)."""
+  def gc_enabled(self) -> bool:
+    """Whether the garbage collector is on (for tests: start-up pauses it, `serve` turns
+    it back on after the first batch it hands over)."""
     import gc  # pylint: disable=g-import-not-at-top
-    return gc.isenabled(), gc.get_freeze_count()
+    return gc.isenabled()
 
   def _position(self, it) -> Dict[str, Any]:
     return {'batches_consumed': it.batches_consumed, 'skipped': it.skipped,
@@ -471,15 +471,14 @@ def serve() -> None:
         server.after_reply()
       except Exception:  # pylint: disable=broad-except  (the same work fails again, reported, on request)
         server._warm = None  # pylint: disable=protected-access
-    # Start-up is over (its first batch, if `prepare`, is made): the collector runs again.
-    # Not collecting first keeps 0.4 s off the way to that batch (xla_env.resume_gc).
-    xla_env.resume_gc(collect=False)
+    if op == 'next':  # (the first batch is out: start-up is over, the collector runs again
+      xla_env.resume_gc()  # while the trainer takes its step; before, it would delay the batch)
 
 
 if __name__ == '__main__':
   # Before the first request arrives: the slow imports (TensorFlow, seqio, the shipped
   # tasks), done while the trainer imports JAX, without the garbage collector until the
-  # first batch is made (xla_env.pause_gc: about 1 s sooner).
+  # first batch is handed over (xla_env.pause_gc: about 1 s sooner).
   xla_env.pause_gc()
   from t5x_like.data import pipeline as _pipeline  # pylint: disable=g-import-not-at-top
   _pipeline._seqio()  # pylint: disable=protected-access

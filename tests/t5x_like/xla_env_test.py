@@ -98,36 +98,38 @@ def test_elementwise_compiler_options():
 
 
 def test_gc_pause_and_resume(monkeypatch):
-  """pause_gc turns the collector off (not with T5X_LIKE_XLA_DEFAULTS=0, nor twice);
-  resume_gc collects start-up's unreachable cycles (or not), freezes the rest and turns
-  it on; a resume without a pause changes nothing."""
+  """pause_gc turns the collector off (not with T5X_LIKE_XLA_DEFAULTS=0, nor when it is
+  off already); resume_gc collects start-up's unreachable cycles and turns it on,
+  freezing nothing; a resume without a pause changes nothing."""
   import gc  # pylint: disable=g-import-not-at-top
 
   class Cycle:
     pass
 
+  monkeypatch.setattr(xla_env, '_gc_paused', False)  # (nothing of another test's pause)
+  monkeypatch.delenv('T5X_LIKE_XLA_DEFAULTS', raising=False)
   assert gc.isenabled()
   try:
     xla_env.resume_gc()
-    assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert gc.isenabled()
     monkeypatch.setenv('T5X_LIKE_XLA_DEFAULTS', '0')
     xla_env.pause_gc()
     assert gc.isenabled()
     monkeypatch.delenv('T5X_LIKE_XLA_DEFAULTS')
-    for collect in (True, False):
-      xla_env.pause_gc()
-      assert not gc.isenabled()
-      xla_env.pause_gc()  # (already paused: one resume still ends it)
-      cycle = Cycle()
-      cycle.me = cycle
-      probe = weakref.ref(cycle)
-      del cycle
-      xla_env.resume_gc(collect=collect)
-      assert gc.isenabled() and gc.get_freeze_count() > 0
-      assert (probe() is None) == collect  # (frozen, not collected, without `collect`)
-      gc.unfreeze()
-      gc.collect()
-      assert probe() is None
+    xla_env.pause_gc()
+    assert not gc.isenabled()
+    xla_env.pause_gc()  # (already off: one resume still ends it)
+    frozen = gc.get_freeze_count()
+    cycle = Cycle()
+    cycle.me = cycle
+    probe = weakref.ref(cycle)
+    del cycle
+    assert probe() is not None  # (only the collector frees a cycle)
+    xla_env.resume_gc()
+    assert gc.isenabled() and probe() is None and gc.get_freeze_count() == frozen
+    gc.disable()  # (off by the user: neither paused nor resumed)
+    xla_env.pause_gc()
+    xla_env.resume_gc()
+    assert not gc.isenabled()
   finally:
-    gc.unfreeze()
     gc.enable()
