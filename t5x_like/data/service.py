@@ -5,9 +5,10 @@ the trainer imports JAX. While the trainer imports JAX, builds the model, and
 initialises and compiles, the input process imports TensorFlow and seqio,
 validates the datasets, builds the pipeline and makes the first batch (4-6 s
 of every launch on a 2-core machine; its garbage collector is paused until that
-batch is handed over, xla_env.pause_gc), on the second core instead of on the trainer's critical path
-(a thread cannot do this: both sides are Python and would take turns at the
-interpreter lock). The trainer's process then imports no TensorFlow at all.
+batch is handed over, xla_env.pause_gc), on the second core instead of on the
+trainer's critical path (a thread cannot do this: both sides are Python and
+would take turns at the interpreter lock). The trainer's process then imports
+no TensorFlow at all.
 
 It runs exactly the in-process code (`pipeline.validate`, `batch_shapes`,
 `InputIterator`, ...) on the same pickled `DatasetConfig` and model, so its

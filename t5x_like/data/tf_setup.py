@@ -19,7 +19,8 @@ import tempfile
 # that TF_CPP_MIN_LOG_LEVEL does not reach ("Could not find cuda drivers ...",
 # "failed call to cuInit ..."), and on CPUs with AVX-512 it announces its oneDNN
 # kernels (which change nothing for tf.data's integer work). Those lines are
-# dropped; anything else it writes is passed on. Its GPUs are hidden, so it never takes memory from JAX.
+# dropped; anything else it writes is passed on. Its GPUs are hidden, so it never
+# takes memory from JAX.
 _TF_NOISE = re.compile(
     r'All log messages before absl::InitializeLog\(\) is called are written to STDERR'
     r'|cudart_stub\.cc.*Could not find cuda drivers'

@@ -2,6 +2,7 @@
 and a train step's values are the same with and without them; the start-up pause of
 the garbage collector ends as it should."""
 
+import gc
 import json
 import os
 import subprocess
@@ -101,7 +102,6 @@ def test_gc_pause_and_resume(monkeypatch):
   """pause_gc turns the collector off (not with T5X_LIKE_XLA_DEFAULTS=0, nor when it is
   off already); resume_gc collects start-up's unreachable cycles and turns it on,
   freezing nothing; a resume without a pause changes nothing."""
-  import gc  # pylint: disable=g-import-not-at-top
 
   class Cycle:
     pass
